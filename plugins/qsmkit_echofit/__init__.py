@@ -1,0 +1,8 @@
+"""Built-in plugin qsmkit_echofit (being written)."""
+
+from qsmkit import hookimpl
+
+
+@hookimpl
+def qsmkit_register_stages(registry):
+    pass

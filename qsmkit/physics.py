@@ -1,0 +1,151 @@
+"""Physics shared by every plugin: constants, unit conversions, B0 direction, dipole and SMV kernels.
+
+Conventions (see DESIGN.md §3): phase in rad, field in ppm of B0, susceptibility in ppm (SI),
+time in s, field strength in T, lengths in mm. ``phase(TE) = phi0 + 2*pi*GAMMA_BAR*B0*1e-6*f*TE``
+with ``f`` the field in ppm. Kernels are returned in unshifted FFT order (DC at index 0), float32,
+for use with :mod:`qsmkit.fft` (numpy) or ``torch.from_numpy`` (torch).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import fft as _fft
+
+#: gyromagnetic ratio of 1H over 2*pi, Hz/T
+GAMMA_BAR = 42.577478e6
+#: gyromagnetic ratio of 1H, rad/s/T
+GAMMA = 2.0 * np.pi * GAMMA_BAR
+
+
+# --------------------------------------------------------------------------- units
+def ppm_to_rad_per_s(field_ppm, b0: float):
+    """Convert a field in ppm of B0 to angular frequency offset in rad/s (``B0`` in T)."""
+    return np.asarray(field_ppm) * (GAMMA * b0 * 1e-6)
+
+
+def rad_per_s_to_ppm(omega, b0: float):
+    """Convert an angular frequency offset in rad/s to field in ppm of B0 (``B0`` in T)."""
+    return np.asarray(omega) / (GAMMA * b0 * 1e-6)
+
+
+def ppm_to_phase(field_ppm, te: float, b0: float):
+    """Phase in rad accrued at echo time ``te`` (s) by a field of ``field_ppm`` at ``b0`` (T)."""
+    return ppm_to_rad_per_s(field_ppm, b0) * te
+
+
+def phase_to_ppm(phase, te: float, b0: float):
+    """Field in ppm of B0 from (unwrapped, offset-free) phase in rad at echo time ``te`` (s)."""
+    return rad_per_s_to_ppm(phase, b0) / te
+
+
+def hz_to_ppm(hz, b0: float):
+    """Frequency offset in Hz to ppm of B0 (``b0`` in T)."""
+    return np.asarray(hz) / (GAMMA_BAR * b0 * 1e-6)
+
+
+def ppm_to_hz(field_ppm, b0: float):
+    """Field in ppm of B0 to frequency offset in Hz (``b0`` in T)."""
+    return np.asarray(field_ppm) * (GAMMA_BAR * b0 * 1e-6)
+
+
+# --------------------------------------------------------------------------- geometry
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths in mm: the column norms of ``affine[:3, :3]``."""
+    return np.sqrt(np.sum(np.asarray(affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
+
+
+def b0_direction_from_affine(affine: np.ndarray, b0_world: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
+    """Unit B0 direction in the voxel frame.
+
+    ``R = A[:3, :3] / voxel_sizes(A)`` maps voxel axes to world (scanner) axes, so the world
+    direction ``b0_world`` expressed along the voxel axes is ``R.T @ b0_world``. (``inv(A) @ z``
+    is wrong for anisotropic voxels.) Returns a float64 unit vector.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    rot = a[:3, :3] / voxel_sizes(a)[None, :]
+    b = rot.T @ np.asarray(b0_world, dtype=np.float64)
+    n = np.linalg.norm(b)
+    if not np.isfinite(n) or n == 0:
+        raise ValueError("B0 direction must be a non-zero finite 3-vector")
+    return b / n
+
+
+# --------------------------------------------------------------------------- kernels
+def kspace_grid(shape: Sequence[int], voxel_size: Sequence[float]):
+    """Spatial-frequency coordinates (cycles/mm) of an FFT grid, broadcastable, float32."""
+    shape = tuple(int(s) for s in shape)
+    ks = []
+    for axis, (n, v) in enumerate(zip(shape, voxel_size)):
+        k = np.fft.fftfreq(n, d=float(v)).astype(np.float32)
+        view = [1] * len(shape)
+        view[axis] = n
+        ks.append(k.reshape(view))
+    return ks
+
+
+def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float]) -> np.ndarray:
+    """Unit dipole kernel ``D(k) = 1/3 - (k.b)^2/|k|^2`` with ``D(0) = 0``, float32, unshifted.
+
+    Parameters
+    ----------
+    shape : 3 ints
+        Grid shape (after any zero padding; padding is the caller's choice).
+    voxel_size : 3 floats
+        Voxel edge lengths in mm.
+    b0_dir : 3 floats
+        B0 direction in the voxel frame (normalised here).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 array of ``shape``; ``field_ppm = real(ifftn(D * fftn(chi_ppm)))``.
+    """
+    b = np.asarray(b0_dir, dtype=np.float64)
+    b = (b / np.linalg.norm(b)).astype(np.float32)
+    kx, ky, kz = kspace_grid(shape, voxel_size)
+    k2 = kx * kx + ky * ky + kz * kz
+    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.float32(1.0 / 3.0) - kb * kb / k2
+    d[(0,) * 3] = 0.0
+    return d.astype(np.float32, copy=False)
+
+
+def sphere_mask(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Boolean ball of ``radius_mm`` centred at voxel index 0 with periodic wrap (FFT origin)."""
+    coords = []
+    for axis, (n, v) in enumerate(zip(shape, voxel_size)):
+        i = np.arange(n)
+        i = np.where(i > n // 2, i - n, i).astype(np.float32) * float(v)
+        view = [1] * len(shape)
+        view[axis] = n
+        coords.append(i.reshape(view))
+    r2 = sum(c * c for c in coords)
+    return r2 <= np.float32(radius_mm) ** 2
+
+
+def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float) -> np.ndarray:
+    """FFT of the normalised spherical mean value (SMV) kernel of ``radius_mm``, float32, unshifted.
+
+    The kernel is a ball of radius ``radius_mm`` (mm) in image space with unit sum, centred at the
+    FFT origin; its FFT is real. ``S * f = real(ifftn(smv_kernel * fftn(f)))``.
+    """
+    ball = sphere_mask(shape, voxel_size, radius_mm).astype(np.float32)
+    ball /= ball.sum()
+    return np.ascontiguousarray(_fft.fftn(ball).real.astype(np.float32))
+
+
+def dipole_convolve(chi: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequence[float],
+                    padding: float = 1.5) -> np.ndarray:
+    """Field in ppm of a susceptibility map ``chi`` (ppm), by FFT on a zero-padded grid.
+
+    ``padding`` is the minimum factor by which each axis is enlarged (even sizes); 1 means none.
+    """
+    shape = _fft.padded_shape(chi.shape, padding)
+    d = dipole_kernel(shape, voxel_size, b0_dir)
+    x = _fft.pad_center(np.asarray(chi, dtype=np.float32), shape)
+    f = _fft.ifftn(d * _fft.fftn(x)).real.astype(np.float32)
+    return _fft.crop_center(f, chi.shape)

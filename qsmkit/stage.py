@@ -1,0 +1,235 @@
+"""The stage interface: ``Stage`` base class, typed ``Param`` declarations, ``StageContext``.
+
+A stage implementation is a small class with a ``kind`` (the processing step, e.g.
+``"inversion"``), a ``name`` (the method, e.g. ``"tkd"``), the artifacts it ``reads`` and
+``writes``, and typed ``params``. Its :meth:`Stage.run` receives the named artifacts and the
+validated parameters and returns new artifacts; the engine loads inputs, writes outputs, records
+provenance and times each stage.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+from .errors import MissingArtifactError, ParameterError
+
+#: the stage kinds the core knows, in processing order; plugins may add more
+STAGE_KINDS: tuple[str, ...] = (
+    "mask", "unwrap", "echo_combine", "background", "inversion", "reference", "register",
+    "kspace_read", "undersample", "coil_maps", "recon",
+)
+
+#: which stage kind usually produces an artifact (for error messages)
+PRODUCED_BY: dict[str, str] = {
+    "mask": "mask", "unwrapped_phase": "unwrap", "total_field": "echo_combine",
+    "noise_weight": "echo_combine", "local_field": "background", "chi": "inversion",
+    "transforms": "register", "kspace": "kspace_read", "sampling_mask": "undersample",
+    "maps": "coil_maps", "image": "recon",
+}
+
+_TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str", list: "list"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """A declared stage parameter.
+
+    Parameters
+    ----------
+    name : str
+        Name used in YAML (``params: {name: value}``).
+    type : type
+        ``float``, ``int``, ``bool``, ``str`` or ``list`` (then ``item_type`` gives the element type).
+    default : Any
+        Default value; ``None`` makes the parameter optional (``None`` is then accepted).
+    unit : str
+        Unit shown to users (``"ppm"``, ``"mm"``, ``"s"``, ``""``).
+    range : (low, high) or None
+        Inclusive bounds for numbers (each element for lists); ``None`` ends are open.
+    choices : tuple or None
+        Allowed values for strings.
+    doc : str
+        One-line description.
+    item_type : type
+        Element type for ``list`` parameters.
+    """
+
+    name: str
+    type: type
+    default: Any
+    unit: str = ""
+    range: tuple | None = None
+    choices: tuple | None = None
+    doc: str = ""
+    item_type: type = float
+
+    @property
+    def type_name(self) -> str:
+        t = _TYPE_NAMES.get(self.type, getattr(self.type, "__name__", str(self.type)))
+        if self.type is list:
+            t = f"list[{_TYPE_NAMES.get(self.item_type, self.item_type.__name__)}]"
+        return t
+
+    def describe(self) -> str:
+        """One line for ``qsmkit plugins``: name, type, default, unit, range, doc."""
+        bits = [f"{self.name} ({self.type_name}) = {self.default!r}"]
+        if self.unit:
+            bits.append(f"[{self.unit}]")
+        if self.range is not None:
+            bits.append(f"range {list(self.range)}")
+        if self.choices is not None:
+            bits.append("one of " + "|".join(map(str, self.choices)))
+        if self.doc:
+            bits.append(f"- {self.doc}")
+        return " ".join(bits)
+
+    def _scalar(self, value: Any, typ: type, where: str) -> Any:
+        if typ is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ParameterError(f"{where}: expected a number, got {value!r}")
+            value = float(value)
+        elif typ is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                raise ParameterError(f"{where}: expected an integer, got {value!r}")
+            value = int(value)
+        elif typ is bool:
+            if not isinstance(value, bool):
+                raise ParameterError(f"{where}: expected true or false, got {value!r}")
+        elif typ is str:
+            if not isinstance(value, str):
+                raise ParameterError(f"{where}: expected a string, got {value!r}")
+        if self.range is not None and typ in (float, int):
+            lo, hi = self.range
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise ParameterError(
+                    f"{where} = {value!r} is out of range [{lo}, {hi}]{' ' + self.unit if self.unit else ''}; "
+                    f"choose a value inside it")
+        if self.choices is not None and value not in self.choices:
+            raise ParameterError(f"{where} = {value!r} is not allowed; choose one of {', '.join(map(str, self.choices))}")
+        return value
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Return ``value`` converted to the declared type, or raise :class:`ParameterError`."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise ParameterError(f"{where} must not be empty; its default is {self.default!r}")
+        if self.type is list:
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            if not value:
+                raise ParameterError(f"{where}: expected a non-empty list")
+            return [self._scalar(v, self.item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+        return self._scalar(value, self.type, where)
+
+
+class Params(Mapping):
+    """Validated parameter values, readable as attributes (``p.threshold``) or items (``p["lambda"]``)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self._values = dict(values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Params({self._values!r})"
+
+
+class StageContext(Mapping):
+    """The named artifacts a stage sees, plus a ``log`` function for progress lines.
+
+    ``ctx["mask"]`` raises :class:`MissingArtifactError` naming the stage kind that produces the
+    missing artifact. Artifacts are :class:`qsmkit.volume.Volume` objects or plain values
+    (``echo_times`` as a float array in s, ``field_strength`` in T, paths, dicts).
+    """
+
+    def __init__(self, artifacts: Mapping[str, Any], stage_label: str = "",
+                 log: Callable[[str], None] | None = None, options: Mapping[str, Any] | None = None):
+        self._art = artifacts
+        self.stage_label = stage_label
+        self._log = log
+        #: run-wide options (e.g. ``device``) from the pipeline
+        self.options = dict(options or {})
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._art[key]
+        except KeyError:
+            src = PRODUCED_BY.get(key)
+            hint = (f"add a '{src}' stage before it or give '{key}' under inputs"
+                    if src else f"give '{key}' under inputs")
+            raise MissingArtifactError(f"stage {self.stage_label} needs '{key}', which is not available; {hint}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._art)
+
+    def __len__(self) -> int:
+        return len(self._art)
+
+    def log(self, message: str) -> None:
+        """Print a progress line for this stage (indented, to stderr)."""
+        if self._log is not None:
+            self._log(message)
+        else:
+            print(f"    {message}", file=sys.stderr, flush=True)
+
+
+class Stage:
+    """Base class of stage implementations (see module docstring and DESIGN.md §2).
+
+    Subclasses set the class attributes and implement :meth:`run`.
+    """
+
+    #: processing step, one of :data:`STAGE_KINDS` or a plugin-defined kind
+    kind: ClassVar[str] = ""
+    #: method name used in YAML (``method: tkd``)
+    name: ClassVar[str] = ""
+    #: artifacts that must be available
+    reads: ClassVar[Sequence[str]] = ()
+    #: artifacts used when available
+    optional_reads: ClassVar[Sequence[str]] = ()
+    #: artifacts returned by :meth:`run`
+    writes: ClassVar[Sequence[str]] = ()
+    #: declared parameters
+    params: ClassVar[Sequence[Param]] = ()
+    #: one-line description for ``qsmkit plugins``
+    description: ClassVar[str] = ""
+
+    @classmethod
+    def param_map(cls) -> dict[str, Param]:
+        return {p.name: p for p in cls.params}
+
+    @classmethod
+    def validate_params(cls, given: Mapping[str, Any] | None, where: str) -> Params:
+        """Validate user parameters against :attr:`params`; unknown names are an error."""
+        given = dict(given or {})
+        decl = cls.param_map()
+        unknown = sorted(set(given) - set(decl))
+        if unknown:
+            valid = ", ".join(decl) or "(none)"
+            raise ParameterError(
+                f"{where}: unknown parameter {', '.join(repr(u) for u in unknown)} for "
+                f"{cls.kind} method '{cls.name}'; valid parameters: {valid}")
+        values = {}
+        for name, p in decl.items():
+            values[name] = p.validate(given[name], f"{where}.params.{name}") if name in given else p.default
+        return Params(values)
+
+    def run(self, ctx: StageContext, p: Params) -> dict[str, Any]:  # pragma: no cover - interface
+        """Compute this stage's artifacts from ``ctx`` and parameters ``p``; return ``{name: value}``."""
+        raise NotImplementedError
