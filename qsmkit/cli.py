@@ -1,0 +1,235 @@
+"""Command line: ``qsmkit run | validate | plugins | simulate | simulate-kspace | evaluate``.
+
+User errors (:class:`qsmkit.errors.QsmkitError`) print one line ``error: ...`` on stderr and exit
+with status 2; ``--debug`` (or ``QSMKIT_DEBUG=1``) shows the traceback instead. Heavy modules
+(torch, SimpleITK, h5py) are imported only by the commands and plugins that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import QsmkitError
+
+SET_HELP = "Override a pipeline key, e.g. --set stages.4.params.lambda=500 (value parsed as YAML); repeatable."
+
+
+def _floats(text: str, n: int | None, name: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{name}: expected comma-separated numbers, got {text!r}") from None
+    if n is not None and len(vals) != n:
+        raise click.BadParameter(f"{name}: expected {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="qsmkit")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """qsmkit: QSM and k-space reconstruction pipelines built from plugins.
+
+    \b
+    Quick start:  qsmkit run pipelines/quickstart.yaml --output-dir out/quickstart
+    Plugins:      qsmkit plugins --stage inversion
+    """
+
+
+def _registry():
+    from .plugins import load_registry
+
+    return load_registry()
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path), help="Overrides output_dir.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--quiet", "-q", is_flag=True, help="Only print errors and the output folder.")
+def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Validate and run PIPELINE (YAML); write NIfTI outputs and provenance.json."""
+    from .pipeline import load_plan, run_plan
+
+    registry = _registry()
+    plan = load_plan(pipeline, registry, overrides, output_dir)
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    for line in plan.summary()[:1]:
+        log(line)
+    result = run_plan(plan, registry, log=log)
+    click.echo(f"outputs: {plan.output_dir}")
+    chi = result.metrics.get("chi") if result.metrics else None
+    if chi:
+        click.echo(f"chi vs truth: NRMSE {chi['nrmse']:.1f} %, HFEN {chi['hfen']:.1f} %, XSIM {chi['xsim']:.3f} "
+                   f"(demeaned over the mask)")
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Check PIPELINE without running it: stages, parameters, input files, output folder."""
+    from .pipeline import load_plan
+
+    plan = load_plan(pipeline, _registry(), overrides, output_dir)
+    for line in plan.summary():
+        click.echo(line)
+    click.echo("valid")
+
+
+@cli.command()
+@click.option("--stage", "kind", help="Only this stage kind (e.g. inversion).")
+def plugins(kind: str | None) -> None:
+    """List stage methods, their parameters, and plugins that failed to load."""
+    reg = _registry()
+    kinds = reg.kinds()
+    if kind is not None and kind not in kinds:
+        raise QsmkitError(f"unknown stage kind '{kind}'; known kinds: {', '.join(kinds)}")
+    for k in [kind] if kind else kinds:
+        methods = reg.methods(k)
+        if not methods:
+            continue
+        click.echo(k)
+        for name in methods:
+            cls = reg.get(k, name)
+            plugin, dist = reg.provider(k, name)
+            click.echo(f"  {name}  [plugin {plugin}, from {dist}]" + (f"  {cls.description}" if cls.description else ""))
+            click.echo(f"      reads: {', '.join(cls.reads) or '-'}; writes: {', '.join(cls.writes) or '-'}")
+            for p in cls.params:
+                click.echo(f"      {p.describe()}")
+    if reg.failures:
+        click.echo("failed to load:")
+        for f in reg.failures:
+            click.echo(f"  {f.name}  [from {f.distribution}]  {f.reason}")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--shape", default=None, help="Grid, e.g. 128,128,96.")
+@click.option("--voxel-size", default=None, help="mm, e.g. 1.5,1.5,1.5.")
+@click.option("--echo-times", default=None, help="Seconds, e.g. 0.004,0.008,0.012.")
+@click.option("--field-strength", type=float, default=None, help="Tesla.")
+@click.option("--b0-direction", default=None, help="World B0 direction, e.g. 0,0,1.")
+@click.option("--rotation", default=None, help="Head rotation in degrees about x,y,z.")
+@click.option("--snr", type=float, default=None, help="First-echo brain SNR (inf for noise-free).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direction, rotation, snr, seed) -> None:
+    """Write the numerical head phantom (magnitude, phase, truths) to OUT."""
+    from .simulate import simulate_phantom
+    from .inputs import check_echo_times, check_field_strength
+
+    kw: dict = {"seed": seed}
+    if shape:
+        kw["shape"] = tuple(int(v) for v in _floats(shape, 3, "--shape"))
+    if voxel_size:
+        kw["voxel_size"] = _floats(voxel_size, 3, "--voxel-size")
+    if echo_times:
+        kw["echo_times"] = tuple(check_echo_times(_floats(echo_times, None, "--echo-times"), None))
+    if field_strength is not None:
+        kw["field_strength"] = check_field_strength(field_strength)
+    if b0_direction:
+        kw["b0_direction"] = _floats(b0_direction, 3, "--b0-direction")
+    if rotation:
+        kw["rotation_deg"] = _floats(rotation, 3, "--rotation")
+    if snr is not None:
+        kw["snr"] = snr
+    phantom = simulate_phantom(**kw)
+    files = phantom.write(out)
+    click.echo(f"wrote {len(files)} files to {out}")
+
+
+@cli.command("simulate-kspace")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True)
+def simulate_kspace(out: Path, seed: int) -> None:
+    """Write small multi-coil k-space files in the fastMRI and skm-tea layouts to OUT."""
+    try:
+        from qsmkit_kspace.simulate import simulate_kspace_files
+    except ImportError as exc:
+        raise QsmkitError(f"the k-space plugin is not available ({exc}); see 'qsmkit plugins'") from None
+    files = simulate_kspace_files(out, seed=seed)
+    for name, path in files.items():
+        click.echo(f"{name}: {path}")
+
+
+@cli.command()
+@click.option("--truth", required=True, type=click.Path(dir_okay=False, path_type=Path), help="True chi NIfTI.")
+@click.option("--estimate", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Estimated chi NIfTI.")
+@click.option("--mask", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Evaluation mask NIfTI.")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help="Label map for ROI means.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_json: bool) -> None:
+    """Compare an estimate with a ground truth (both demeaned over the mask)."""
+    from .inputs import check_same_grid
+    from .io import load_nifti
+    from .metrics import evaluate as _evaluate
+
+    vols = {"truth": load_nifti(truth, "truth"), "estimate": load_nifti(estimate, "estimate"),
+            "mask": load_nifti(mask, "mask")}
+    if labels is not None:
+        vols["labels"] = load_nifti(labels, "labels")
+    check_same_grid(vols, "evaluate")
+    lab = vols["labels"].data.astype(int) if labels is not None else None
+    names = None
+    if lab is not None:
+        from .simulate import LABELS
+        names = LABELS
+    res = _evaluate(vols["estimate"].data, vols["truth"].data, vols["mask"].data > 0.5, labels=lab, label_names=names)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    for key, value in res.items():
+        if isinstance(value, float):
+            click.echo(f"{key:>20s}  {value:.4f}")
+        elif isinstance(value, dict):
+            click.echo(f"{key:>20s}")
+            for k, v in value.items():
+                click.echo(f"{k:>28s}  {v}")
+        else:
+            click.echo(f"{key:>20s}  {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the click group, turning user errors into one line and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("QSMKIT_DEBUG", "") not in ("", "0")
+    try:
+        rv = cli.main(args=args, prog_name="qsmkit", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except QsmkitError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = 2
+    except click.Abort:
+        click.echo("aborted", err=True)
+        code = 1
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing was written", err=True)
+        code = 130
+    except Exception as exc:  # a bug, not a user error: still no traceback unless asked for
+        if debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback and "
+                   f"please report it)", err=True)
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
