@@ -24,6 +24,16 @@ def ifftn(x: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
     return sfft.ifftn(x, axes=axes, workers=-1)
 
 
+def rfftn(x: np.ndarray, axes: Sequence[int] | None = None) -> np.ndarray:
+    """Real-to-complex n-D FFT (half spectrum along the last axis) with all CPU threads."""
+    return sfft.rfftn(x, axes=axes, workers=-1)
+
+
+def irfftn(x: np.ndarray, shape: Sequence[int], axes: Sequence[int] | None = None) -> np.ndarray:
+    """Inverse of :func:`rfftn` back to a real array of ``shape`` with all CPU threads."""
+    return sfft.irfftn(x, s=shape, axes=axes, workers=-1)
+
+
 def fftnc(x: np.ndarray, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
     """Centred orthonormal FFT over ``axes`` (image -> k-space), as fastMRI's ``fft2c``."""
     x = sfft.ifftshift(x, axes=axes)

@@ -74,19 +74,24 @@ def b0_direction_from_affine(affine: np.ndarray, b0_world: Sequence[float] = (0.
 
 
 # --------------------------------------------------------------------------- kernels
-def kspace_grid(shape: Sequence[int], voxel_size: Sequence[float]):
-    """Spatial-frequency coordinates (cycles/mm) of an FFT grid, broadcastable, float32."""
+def kspace_grid(shape: Sequence[int], voxel_size: Sequence[float], rfft: bool = False):
+    """Spatial-frequency coordinates (cycles/mm) of an FFT grid, broadcastable, float32.
+
+    With ``rfft`` the last axis holds only the non-negative frequencies of a real-to-complex FFT.
+    """
     shape = tuple(int(s) for s in shape)
     ks = []
     for axis, (n, v) in enumerate(zip(shape, voxel_size)):
-        k = np.fft.fftfreq(n, d=float(v)).astype(np.float32)
+        last = rfft and axis == len(shape) - 1
+        k = (np.fft.rfftfreq if last else np.fft.fftfreq)(n, d=float(v)).astype(np.float32)
         view = [1] * len(shape)
-        view[axis] = n
+        view[axis] = k.size
         ks.append(k.reshape(view))
     return ks
 
 
-def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float]) -> np.ndarray:
+def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float],
+                  rfft: bool = False) -> np.ndarray:
     """Unit dipole kernel ``D(k) = 1/3 - (k.b)^2/|k|^2`` with ``D(0) = 0``, float32, unshifted.
 
     Parameters
@@ -97,6 +102,9 @@ def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Seq
         Voxel edge lengths in mm.
     b0_dir : 3 floats
         B0 direction in the voxel frame (normalised here).
+    rfft : bool
+        Return only the half spectrum ``shape[:-1] + (shape[-1] // 2 + 1,)`` matching
+        ``rfftn``; D is real and even, so ``irfftn(D * rfftn(chi))`` is the same convolution.
 
     Returns
     -------
@@ -105,7 +113,7 @@ def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Seq
     """
     b = np.asarray(b0_dir, dtype=np.float64)
     b = (b / np.linalg.norm(b)).astype(np.float32)
-    kx, ky, kz = kspace_grid(shape, voxel_size)
+    kx, ky, kz = kspace_grid(shape, voxel_size, rfft)
     k2 = kx * kx + ky * ky + kz * kz
     kb = kx * b[0] + ky * b[1] + kz * b[2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -127,15 +135,18 @@ def sphere_mask(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: fl
     return r2 <= np.float32(radius_mm) ** 2
 
 
-def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float) -> np.ndarray:
+def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float,
+               rfft: bool = False) -> np.ndarray:
     """FFT of the normalised spherical mean value (SMV) kernel of ``radius_mm``, float32, unshifted.
 
     The kernel is a ball of radius ``radius_mm`` (mm) in image space with unit sum, centred at the
-    FFT origin; its FFT is real. ``S * f = real(ifftn(smv_kernel * fftn(f)))``.
+    FFT origin; its FFT is real. ``S * f = real(ifftn(smv_kernel * fftn(f)))``; with ``rfft`` the
+    half spectrum for ``irfftn(S * rfftn(f), shape)``.
     """
     ball = sphere_mask(shape, voxel_size, radius_mm).astype(np.float32)
     ball /= ball.sum()
-    return np.ascontiguousarray(_fft.fftn(ball).real.astype(np.float32))
+    spec = _fft.rfftn(ball) if rfft else _fft.fftn(ball)
+    return np.ascontiguousarray(spec.real.astype(np.float32))
 
 
 def dipole_convolve(chi: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequence[float],
@@ -145,7 +156,7 @@ def dipole_convolve(chi: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequen
     ``padding`` is the minimum factor by which each axis is enlarged (even sizes); 1 means none.
     """
     shape = _fft.padded_shape(chi.shape, padding)
-    d = dipole_kernel(shape, voxel_size, b0_dir)
+    d = dipole_kernel(shape, voxel_size, b0_dir, rfft=True)
     x = _fft.pad_center(np.asarray(chi, dtype=np.float32), shape)
-    f = _fft.ifftn(d * _fft.fftn(x)).real.astype(np.float32)
-    return _fft.crop_center(f, chi.shape)
+    f = _fft.irfftn(d * _fft.rfftn(x), shape).astype(np.float32)
+    return np.ascontiguousarray(_fft.crop_center(f, chi.shape))

@@ -62,13 +62,15 @@ def tkd(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
     m = np.asarray(mask) > 0
     f = np.where(m, np.asarray(field, dtype=np.float32), np.float32(0))
     shape = qfft.padded_shape(f.shape, padding)
-    d = dipole_kernel(shape, voxel_size, b0_dir)
+    d = dipole_kernel(shape, voxel_size, b0_dir, rfft=True)  # real, even kernel: half spectrum suffices
     t = np.float32(threshold)
-    inv = np.where(np.abs(d) >= t, 1.0 / np.where(d == 0, 1, d), np.sign(d) / t).astype(np.float32)
-    del d
-    spec = qfft.fftn(qfft.pad_center(f, shape))
-    spec *= inv
-    chi = qfft.crop_center(qfft.ifftn(spec).real, f.shape).astype(np.float32)
+    small = np.abs(d) < t
+    d[small] = np.where(d[small] < 0, -t, t)  # truncate: |D| < t -> sign(D) * t (D(0) = 0 -> t, F(0) -> 0 below)
+    spec = qfft.rfftn(qfft.pad_center(f, shape))
+    spec /= d
+    spec[0, 0, 0] = 0  # D(0) = 0: the mean is undetermined; reference chi afterwards
+    del d, small
+    chi = np.ascontiguousarray(qfft.crop_center(qfft.irfftn(spec, shape), f.shape), dtype=np.float32)
     if correct:
         chi /= np.float32(truncation_response(threshold))
     chi[~m] = 0
