@@ -64,6 +64,9 @@ def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], qui
         log(line)
     result = run_plan(plan, registry, log=log)
     click.echo(f"outputs: {plan.output_dir}")
+    for f in result.files:
+        if f.name in ("chi.nii.gz", "image.nii.gz"):
+            click.echo(f"{f.name.split('.')[0]}: {f}")
     chi = result.metrics.get("chi") if result.metrics else None
     if chi:
         click.echo(f"chi vs truth: NRMSE {chi['nrmse']:.1f} %, HFEN {chi['hfen']:.1f} %, XSIM {chi['xsim']:.3f} "
