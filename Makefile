@@ -12,8 +12,8 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# the pinned CPU wheel is on disk; an unpinned torch would pull GBs of CUDA packages
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH_PIN)
+	$(PY) -m pip install -q --no-compile -e ".[test]"
 	touch $@
 
 demo: setup

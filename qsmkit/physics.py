@@ -113,11 +113,28 @@ def dipole_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Seq
     """
     b = np.asarray(b0_dir, dtype=np.float64)
     b = (b / np.linalg.norm(b)).astype(np.float32)
-    kx, ky, kz = kspace_grid(shape, voxel_size, rfft)
-    k2 = kx * kx + ky * ky + kz * kz
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    ks = kspace_grid(shape, voxel_size, rfft)
+    # Hermitian symmetry at the Nyquist planes of even axes: index N/2 stands for both +N/2 and
+    # -N/2, so average (k.b)^2 over k and k with its Nyquist components negated. Without this the
+    # kernel of an oblique B0 is not real-preserving and full- and half-spectrum FFTs disagree.
+    flipped = []
+    for axis, k in enumerate(ks):
+        n = int(shape[axis])
+        if n % 2 == 0:
+            k = k.reshape(-1)
+            if rfft and axis == 2:  # rfftfreq ends at +N/2; use fftfreq's -N/2 as the base
+                k = k.copy()
+                k[n // 2] *= -1
+                ks[axis] = k.reshape(ks[axis].shape)
+            k = k.copy()
+            k[n // 2] *= -1
+            k = k.reshape(ks[axis].shape)
+        flipped.append(k)
+    k2 = ks[0] * ks[0] + ks[1] * ks[1] + ks[2] * ks[2]
+    kb = ks[0] * b[0] + ks[1] * b[1] + ks[2] * b[2]
+    kb_flip = flipped[0] * b[0] + flipped[1] * b[1] + flipped[2] * b[2]
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.float32(1.0 / 3.0) - kb * kb / k2
+        d = np.float32(1.0 / 3.0) - np.float32(0.5) * (kb * kb + kb_flip * kb_flip) / k2
     d[(0,) * 3] = 0.0
     return d.astype(np.float32, copy=False)
 
