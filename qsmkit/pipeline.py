@@ -244,7 +244,9 @@ def _mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
     for step in reversed(steps):
         writes = set(step.cls.writes)
         step.per_orientation = step.kind in PER_ORIENTATION_KINDS
-        if writes and writes <= given:
+        # a stage that rewrites what it reads (reference: chi -> chi, undersample: kspace -> kspace)
+        # transforms a given artifact rather than producing it, so giving it does not skip the stage
+        if writes and writes <= given and not writes & set(step.cls.reads):
             step.run, step.reason = False, "its outputs are given as inputs"
             continue
         if last_run is not None and not (writes & needed):

@@ -82,3 +82,15 @@ def test_rerun_replaces_outputs_atomically(folder, capsys):
         assert run_cli(["run", folder / "p.yaml", "-q"], capsys)[0] == 0
     names = [p.name for p in (folder / "results").iterdir()]
     assert not any(n.startswith(".") for n in names)
+
+
+def test_in_place_stage_is_not_skipped_when_its_artifact_is_given(folder):
+    """reference reads and writes chi: giving chi must run it, not skip it."""
+    (folder / "r.yaml").write_text(
+        "inputs: {chi: lf.nii.gz, mask: mask.nii.gz}\nstages:\n  - {stage: reference, method: mean}\n"
+        "output_dir: r\n")
+    plan = load_plan(folder / "r.yaml", load_registry())
+    assert plan.steps[0].run
+    res = run_plan(plan, log=lambda m: None)
+    chi = res.artifacts["chi"].data
+    assert abs(float(chi[res.artifacts["mask"].data].mean())) < 1e-6
