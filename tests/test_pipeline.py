@@ -69,6 +69,7 @@ def test_validate_prints_plan_and_writes_nothing(folder, capsys):
     assert not (folder / "results").exists()
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_stage_failure_writes_nothing(folder):
     plan = load_plan(folder / "p.yaml", load_registry())
     plan.steps[1].params._values["threshold"] = float("nan")  # makes TKD produce NaN
