@@ -175,6 +175,12 @@ class StageContext(Mapping):
                     if src else f"give '{key}' under inputs")
             raise MissingArtifactError(f"stage {self.stage_label} needs '{key}', which is not available; {hint}") from None
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._art
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._art.get(key, default)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._art)
 
