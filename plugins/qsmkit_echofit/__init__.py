@@ -67,7 +67,7 @@ class WeightedFit(Stage):
                 raise GeometryError(f"magnitude shape {mag.shape} differs from unwrapped_phase {phase.shape}; "
                                     "give magnitude and phase on the same grid and echoes")
         mask = None
-        if "mask" in ctx:  # set(): iterate keys, never look a missing one up
+        if "mask" in ctx:
             mask = np.asarray(ctx["mask"].data) > 0
             if mask.shape != phase.shape[:3]:
                 raise GeometryError(f"mask grid {mask.shape} differs from the phase grid {phase.shape[:3]}")

@@ -47,7 +47,7 @@ class LaplacianUnwrap(Stage):
         if not np.all(np.isfinite(data)):
             raise InputDataError("phase contains NaN or infinite values; fix or mask the input phase")
         mask = None
-        if p.use_mask and "mask" in ctx:  # set(): iterate keys, never look a missing one up
+        if p.use_mask and "mask" in ctx:
             mask = np.asarray(ctx["mask"].data) > 0
             if mask.shape != data.shape[:3]:
                 raise GeometryError(f"mask grid {mask.shape} differs from the phase grid {data.shape[:3]}; "
