@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	@# the pinned CPU wheel is on disk; an unpinned torch would pull GBs of CUDA packages
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile $(TORCH_PIN)
 	$(PY) -m pip install -q --no-compile -e ".[test]"
+	@# fastMRI's own mask/metric code, for comparison tests only; --no-deps avoids torchvision/CUDA
+	$(PY) -m pip install -q --no-compile --no-deps fastmri==0.3.0
 	touch $@
 
 demo: setup

@@ -71,6 +71,10 @@ def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], qui
     if chi:
         click.echo(f"chi vs truth: NRMSE {chi['nrmse']:.1f} %, HFEN {chi['hfen']:.1f} %, XSIM {chi['xsim']:.3f} "
                    f"(demeaned over the mask)")
+    if result.metrics and {"nmse", "psnr", "ssim"} <= set(result.metrics):
+        m = result.metrics
+        click.echo(f"image vs target: NMSE {m['nmse']:.4f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} "
+                   f"(fastMRI evaluate, centre crop)")
 
 
 @cli.command()

@@ -239,6 +239,10 @@ def _given_artifacts(inputs: Mapping[str, Any]) -> set[str]:
 
 def _mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
     """Decide which stages run: skip those whose outputs are given or not needed downstream."""
+    # artifacts some stage transforms in place (reads and writes them): a given one is raw input to
+    # that transform, so later readers still need the stages before them
+    raw = set().union(*(set(s.cls.reads) & set(s.cls.writes) for s in steps))
+    final_given = given - raw
     needed: set[str] = set()
     last_run = None
     for step in reversed(steps):
@@ -249,12 +253,12 @@ def _mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
         if writes and writes <= given and not writes & set(step.cls.reads):
             step.run, step.reason = False, "its outputs are given as inputs"
             continue
-        if last_run is not None and not (writes & needed):
+        if last_run is not None and not ((writes | set(step.cls.optional_writes)) & needed):
             step.run, step.reason = False, "later stages do not need its outputs"
             continue
         last_run = step
         needed -= writes
-        needed |= set(step.cls.reads) - given
+        needed |= set(step.cls.reads) - final_given
     available = set(given)
     for step in steps:
         if not step.run:
@@ -281,7 +285,7 @@ def _output_names(plan: Plan) -> set[str]:
     names = {"provenance.json", "metrics.json"}
     for s in plan.steps:
         if s.run:
-            names |= {f"{w}.nii.gz" for w in s.cls.writes}
+            names |= {f"{w}.nii.gz" for w in (*s.cls.writes, *s.cls.optional_writes)}
     return names
 
 
@@ -459,7 +463,7 @@ def run_plan(plan: Plan, registry: StageRegistry | None = None, log: Callable[[s
                 art["orientations"] = per
                 merged = True
             dt = _run_step(step, art, log)
-        produced |= set(step.cls.writes)
+        produced |= set(step.cls.writes) | (set(step.cls.optional_writes) & set(art))
         rec.update(status="ran", duration_s=round(dt, 3))
         records.append(rec)
         log(f"[{step.index + 1}/{n}] {step.kind}/{step.method}: {dt:.2f} s")

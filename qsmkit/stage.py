@@ -211,6 +211,8 @@ class Stage:
     optional_reads: ClassVar[Sequence[str]] = ()
     #: artifacts returned by :meth:`run`
     writes: ClassVar[Sequence[str]] = ()
+    #: artifacts returned when the data allow (e.g. a reference image stored in the file)
+    optional_writes: ClassVar[Sequence[str]] = ()
     #: declared parameters
     params: ClassVar[Sequence[Param]] = ()
     #: one-line description for ``qsmkit plugins``

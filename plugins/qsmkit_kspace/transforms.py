@@ -1,0 +1,165 @@
+"""k-space transforms: centred orthonormal FFTs, RSS, image-space centre crop, normalisation.
+
+All FFTs are the centred orthonormal ones of :mod:`qsmkit.fft` (``ifftshift -> fft -> fftshift``,
+``norm="ortho"``), as fastMRI's ``fft2c`` / ``ifft2c``. Crops are done in image space only: a
+centre crop of k-space would lower the resolution (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from qsmkit import fft as qfft
+
+__all__ = [
+    "fft2c", "ifft2c", "fft2c_np", "ifft2c_np", "rss", "center_crop", "zero_filled_rss", "zero_filled_coils",
+    "normalization_scale", "as_tensor", "mask_to_2d",
+]
+
+
+def fft2c(x, dim: Sequence[int] = (-2, -1)):
+    """Centred orthonormal FFT of a complex torch tensor (image -> k-space)."""
+    return qfft.fftnc_torch(x, dim=tuple(dim))
+
+
+def ifft2c(x, dim: Sequence[int] = (-2, -1)):
+    """Centred orthonormal inverse FFT of a complex torch tensor (k-space -> image)."""
+    return qfft.ifftnc_torch(x, dim=tuple(dim))
+
+
+def fft2c_np(x: np.ndarray, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
+    """Centred orthonormal FFT of a numpy array (image -> k-space), complex64 in, complex64 out."""
+    return qfft.fftnc(x, axes=tuple(axes)).astype(np.result_type(x.dtype, np.complex64), copy=False)
+
+
+def ifft2c_np(x: np.ndarray, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
+    """Centred orthonormal inverse FFT of a numpy array (k-space -> image)."""
+    return qfft.ifftnc(x, axes=tuple(axes)).astype(np.result_type(x.dtype, np.complex64), copy=False)
+
+
+def rss(x, dim: int = 1):
+    """Root sum of squares over the coil axis (numpy or torch, complex or real)."""
+    if isinstance(x, np.ndarray):
+        return np.sqrt(np.sum(np.abs(x) ** 2, axis=dim))
+    import torch
+
+    return torch.sqrt(torch.sum(torch.abs(x) ** 2, dim=dim))
+
+
+def center_crop(x, shape: Sequence[int] | None):
+    """Centre crop of the last two axes to ``shape`` (as fastMRI's ``center_crop``).
+
+    ``None`` or a size larger than the data along an axis leaves that axis unchanged.
+    """
+    if shape is None:
+        return x
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    ch, cw = min(int(shape[0]), h), min(int(shape[1]), w)
+    h0, w0 = (h - ch) // 2, (w - cw) // 2
+    return x[..., h0:h0 + ch, w0:w0 + cw]
+
+
+def mask_to_2d(mask: np.ndarray | None, image_shape: Sequence[int]) -> np.ndarray:
+    """A sampling mask as float32 ``(H or 1, W or 1)`` or ``(S, H or 1, W or 1)``; ``None`` -> ones."""
+    if mask is None:
+        return np.ones((1, 1), dtype=np.float32)
+    m = np.asarray(mask)
+    if m.ndim == 1:
+        m = m[None, :]
+    return (m != 0).astype(np.float32)
+
+
+def as_tensor(x: np.ndarray, device, dtype=None):
+    """numpy -> torch on ``device`` (complex64 for complex input, float32 for real)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if dtype is not None:
+        t = t.to(dtype)
+    elif t.is_complex():
+        t = t.to(torch.complex64)
+    elif t.is_floating_point() or t.dtype == torch.bool:
+        t = t.to(torch.float32)
+    return t.to(device)
+
+
+def _crop_slice(n: int, size: int | None) -> slice:
+    if size is None or size >= n:
+        return slice(0, n)
+    o = (n - size) // 2
+    return slice(o, o + size)
+
+
+def zero_filled_coils(kspace, crop: Sequence[int] | None = None, mask=None):
+    """Coil images ``ifft2c(kspace)`` centre-cropped to ``crop``, computed without wasted work.
+
+    Exactly ``center_crop(ifft2c(kspace), crop)``, but the readout (H) transform only runs on the
+    sampled columns (unsampled ones stay zero) and the W transform only on the rows kept by the crop.
+
+    Parameters
+    ----------
+    kspace : torch.Tensor, complex, (S, C, H, W)
+    crop : (h, w) or None
+    mask : torch.Tensor or None
+        Sampling mask broadcastable to ``(S, 1, H, W)``; columns sampled in no row/slice are skipped
+        (default: the columns holding any non-zero sample).
+    """
+    import torch
+
+    S, C, H, W = kspace.shape
+    rs = _crop_slice(H, None if crop is None else int(crop[0]))
+    cs = _crop_slice(W, None if crop is None else int(crop[1]))
+    if mask is not None:
+        used = torch.broadcast_to(mask != 0, (1, 1, 1, W) if mask.shape[-2] == 1 else mask.shape[:-2] + (H, W))
+        cols = torch.nonzero(used.reshape(-1, W).any(0)).squeeze(-1)
+    else:
+        cols = torch.nonzero((kspace != 0).reshape(-1, W).any(0)).squeeze(-1)
+    if cols.numel() == W:
+        img = ifft2c(kspace, dim=(-2,))[..., rs, :]
+    else:
+        part = ifft2c(kspace[..., cols], dim=(-2,))[..., rs, :]
+        img = torch.zeros((S, C, part.shape[-2], W), dtype=part.dtype, device=part.device)
+        img[..., cols] = part
+    return ifft2c(img, dim=(-1,))[..., cs]
+
+
+def zero_filled_rss(kspace: np.ndarray) -> np.ndarray:
+    """RSS of the inverse FFT of multi-coil k-space ``(S, C, H, W)`` -> ``(S, H, W)`` float32."""
+    return rss(ifft2c_np(np.asarray(kspace, dtype=np.complex64)), dim=1).astype(np.float32)
+
+
+def normalization_scale(kspace: np.ndarray, mask: np.ndarray | None = None, maps: np.ndarray | None = None) -> float:
+    """Maximum of the coil-combined zero-filled image of the whole volume (DESIGN.md §4).
+
+    Dividing the multi-coil k-space by this number (never each coil on its own) puts the image
+    maximum near 1, which makes regularisation weights independent of the scanner's scale.
+
+    Parameters
+    ----------
+    kspace : ndarray, (S, C, H, W)
+        Multi-coil k-space (undersampled samples already zero).
+    mask : ndarray or None
+        Sampling mask broadcastable to ``(S, 1, H, W)`` after :func:`mask_to_2d`; applied first.
+    maps : ndarray or None, (S, M, C, H, W)
+        Coil maps: combine with ``sum_c conj(S_c) x_c`` (RSS over maps) instead of RSS over coils.
+    """
+    k = np.asarray(kspace)
+    m = None
+    if mask is not None:
+        m = mask_to_2d(mask, k.shape[-2:])
+    scale = 0.0
+    for s in range(k.shape[0]):  # slice by slice: bounded memory for whole volumes
+        ks = k[s:s + 1]
+        if m is not None:
+            ks = ks * (m[s:s + 1, None] if m.ndim == 3 and m.shape[0] > 1 else (m[:, None] if m.ndim == 3 else m))
+        img = ifft2c_np(ks.astype(np.complex64, copy=False))
+        if maps is not None:
+            comb = np.einsum("smchw,schw->smhw", np.conj(maps[s:s + 1]), img)
+            mag = rss(comb, dim=1)
+        else:
+            mag = rss(img, dim=1)
+        if mag.size:
+            scale = max(scale, float(np.max(mag)))
+    return scale if scale > 0 and np.isfinite(scale) else 1.0
