@@ -259,6 +259,8 @@ def _mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
         last_run = step
         needed -= writes
         needed |= set(step.cls.reads) - final_given
+        if "orientations" in step.cls.reads and multi:  # made of every per-orientation stage's outputs
+            needed |= {w for s in steps if s.kind in PER_ORIENTATION_KINDS for w in s.cls.writes}
     available = set(given)
     for step in steps:
         if not step.run:
@@ -285,7 +287,7 @@ def _output_names(plan: Plan) -> set[str]:
     names = {"provenance.json", "metrics.json"}
     for s in plan.steps:
         if s.run:
-            names |= {f"{w}.nii.gz" for w in (*s.cls.writes, *s.cls.optional_writes)}
+            names |= {f"{w}{ext}" for w in (*s.cls.writes, *s.cls.optional_writes) for ext in (".nii.gz", ".json")}
     return names
 
 
@@ -414,7 +416,10 @@ def _run_step(step: Step, art: dict, log: Callable[[str], None], tag: str = "") 
         raise
     except MemoryError:
         raise StageError(f"{step.label}{tag}: out of memory; crop the volume or lower padding") from None
-    art.update(_check_outputs(step, out))
+    out = _check_outputs(step, out)
+    if isinstance(out.get("metrics"), dict) and isinstance(art.get("metrics"), dict):
+        out["metrics"] = {**art["metrics"], **out["metrics"]}  # stages add to the run's metrics
+    art.update(out)
     return time.perf_counter() - t0
 
 
@@ -535,6 +540,18 @@ def _input_record(inputs: Mapping[str, Any]) -> dict:
     return rec
 
 
+def _json_ready(value: Any) -> bool:
+    import json
+
+    from .io.atomic import _jsonable
+
+    try:
+        json.dumps(value, default=_jsonable)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _write_outputs(plan: Plan, art: dict, produced: set[str], provenance: dict, metrics: dict,
                    t_all: float) -> list[Path]:
     """Write produced Volumes, metrics and provenance: staged in a hidden folder, then renamed in."""
@@ -545,11 +562,15 @@ def _write_outputs(plan: Plan, art: dict, produced: set[str], provenance: dict, 
     stage_dir = Path(tempfile.mkdtemp(prefix=".qsmkit-staging-", dir=out))
     try:
         staged: list[tuple[Path, Path]] = []
-        for name in sorted(produced):
+        for name in sorted(produced - {"metrics"}):
             value = art.get(name)
             if isinstance(value, Volume):
                 tmp = stage_dir / f"{name}.nii.gz"
                 save_nifti(value, tmp)
+                staged.append((tmp, out / tmp.name))
+            elif isinstance(value, (dict, list)) and _json_ready(value):  # e.g. registration transforms
+                tmp = stage_dir / f"{name}.json"
+                write_json(value, tmp)
                 staged.append((tmp, out / tmp.name))
         if metrics:
             write_json(metrics, stage_dir / "metrics.json")

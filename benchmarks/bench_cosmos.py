@@ -1,0 +1,158 @@
+"""Per-stage wall time of a 5-orientation COSMOS run at whole-head size (issue 5, acceptance 5).
+
+    python benchmarks/bench_cosmos.py                        # 200 x 240 x 180 at 1 mm, 5 echoes
+    python benchmarks/bench_cosmos.py --shape 96 112 80 --voxel-size 2   # quick check
+    python benchmarks/bench_cosmos.py --truth-fields         # skip the per-orientation stages
+
+Simulates the built-in head at five orientations (rotations of 10-25 deg about x and y), then
+runs, through the registered plugins and timed one by one:
+
+* per orientation: ``mask/threshold``, ``unwrap/laplacian``, ``echo_combine/weighted_fit``,
+  ``background/vsharp`` (or, with ``--truth-fields``, the simulator's true local fields and masks);
+* ``register/simpleitk`` (4 rigid registrations + resampling);
+* ``inversion/cosmos`` closed form, and the weighted CG variant for ``--cg-iterations`` iterations;
+* ``inversion/tkd`` on the reference orientation, for the accuracy comparison.
+
+Prints a table of wall times (s), peak resident memory, rotation errors (deg) and translation
+errors at the brain centre (mm) of the registration against the simulator's true rotations, and
+NRMSE / HFEN / XSIM of COSMOS and TKD against the true chi (demeaned over the COSMOS mask).
+``--json FILE`` also writes the numbers. Timings on a shared machine include contention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+ROTATIONS = [(0, 0, 0), (15, 0, 0), (0, 20, 0), (-10, 12, 0), (25, 0, 0)]
+PER_ORIENTATION = [("mask", "threshold"), ("unwrap", "laplacian"), ("echo_combine", "weighted_fit"),
+                   ("background", "vsharp")]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def _run_stage(registry, kind, method, art, params=None, log=None):
+    from qsmkit.stage import StageContext
+
+    cls = registry.get(kind, method)
+    p = cls.validate_params(params or {}, where=f"{kind}/{method}")
+    t0 = time.perf_counter()
+    out = cls().run(StageContext(art, stage_label=f"{kind}/{method}", log=log or (lambda m: None)), p)
+    return out, time.perf_counter() - t0
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=3, default=(200, 240, 180))
+    ap.add_argument("--voxel-size", type=float, default=1.0, help="isotropic voxel size, mm")
+    ap.add_argument("--oversample", type=int, default=1,
+                    help="simulator fine-grid factor (1 keeps the simulation affordable at 1 mm)")
+    ap.add_argument("--truth-fields", action="store_true",
+                    help="use the simulator's local fields/masks instead of the per-orientation stages")
+    ap.add_argument("--cg-iterations", type=int, default=10, help="CG iterations to time (0 skips CG)")
+    ap.add_argument("--verbose", action="store_true", help="print the stages' progress lines")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args(argv)
+
+    from qsmkit import metrics as qm
+    from qsmkit.plugins import load_registry
+    from qsmkit.simulate import simulate_phantom
+    from qsmkit_register.rigid import rotation_angle_deg
+
+    log = (lambda m: print(f"      {m}", file=sys.stderr)) if args.verbose else None
+    reg = load_registry()
+    shape, vs = tuple(args.shape), (args.voxel_size,) * 3
+    times: dict[str, float] = {"simulate": 0.0}
+    per_stage: dict[str, list] = {f"{k}/{m}": [] for k, m in PER_ORIENTATION}
+    orients, truths = [], []
+    for i, rot in enumerate(ROTATIONS):
+        t0 = time.perf_counter()
+        ph = simulate_phantom(shape=shape, voxel_size=vs, rotation_deg=rot, seed=i, oversample=args.oversample)
+        times["simulate"] += time.perf_counter() - t0
+        print(f"orientation {i} {rot}: simulated in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        art = ph.artifacts()
+        art.pop("truth")
+        if args.truth_fields:
+            art.update(mask=ph.truth["mask"], local_field=ph.truth["local_field"])
+        else:
+            for kind, method in PER_ORIENTATION:
+                out, dt = _run_stage(reg, kind, method, art, log=log)
+                art.update(out)
+                per_stage[f"{kind}/{method}"].append(dt)
+        keep = {k: art[k] for k in ("mask", "local_field", "noise_weight", "echo_times", "field_strength")
+                if k in art}
+        keep["magnitude"] = art["magnitude"].like(art["magnitude"].data[..., :1])  # first echo only
+        orients.append(keep)
+        truths.append({"chi": ph.truth["chi"], "mask": ph.truth["mask"], "rotation": ph.rotation,
+                        "centre": np.asarray(ph.meta["rotation_center_mm"])})
+        del ph, art
+    for name, ts in per_stage.items():
+        if ts:
+            times[name + " (5 orientations)"] = float(sum(ts))
+
+    art = dict(orients[0])
+    art["orientations"] = orients
+    out, times["register/simpleitk"] = _run_stage(reg, "register", "simpleitk", art, log=log)
+    art.update(out)
+    print(f"registered in {times['register/simpleitk']:.1f} s", file=sys.stderr, flush=True)
+
+    # registration accuracy against the simulator's rotations (reference x <-> R (x - c) + c)
+    ref_aff = orients[0]["local_field"].affine
+    idx = np.argwhere(truths[0]["mask"].data).mean(0)
+    centre = ref_aff[:3, :3] @ idx + ref_aff[:3, 3]
+    rot_err, trans_err = [], []
+    for tr, t in zip(out["transforms"][1:], truths[1:]):
+        mat = np.asarray(tr["matrix"])
+        true = np.eye(4)
+        true[:3, :3] = t["rotation"]
+        true[:3, 3] = t["centre"] - t["rotation"] @ t["centre"]
+        rot_err.append(rotation_angle_deg(mat[:3, :3] @ t["rotation"].T))
+        trans_err.append(float(np.linalg.norm((mat - true)[:3, :3] @ centre + (mat - true)[:3, 3])))
+
+    res, times["inversion/cosmos closed_form"] = _run_stage(reg, "inversion", "cosmos", art, {"solver": "closed_form"},
+                                                            log=log)
+    chi_truth = truths[0]["chi"].data
+    region = res["mask"].data & truths[0]["mask"].data
+    acc = {"cosmos_closed_form": qm.evaluate(res["chi"].data, chi_truth, region)}
+    if args.cg_iterations > 0:
+        res_cg, dt = _run_stage(reg, "inversion", "cosmos", art,
+                                {"solver": "cg", "max_iter": args.cg_iterations, "tol": 1e-8, "device": "cpu"}, log=log)
+        times[f"inversion/cosmos cg ({args.cg_iterations} it, incl. closed-form start)"] = dt
+        acc[f"cosmos_cg_{args.cg_iterations}it"] = qm.evaluate(res_cg["chi"].data, chi_truth, region)
+    ref_art = {"local_field": orients[0]["local_field"], "mask": orients[0]["mask"]}
+    tk, times["inversion/tkd (reference only)"] = _run_stage(reg, "inversion", "tkd", ref_art)
+    acc["tkd_reference"] = qm.evaluate(tk["chi"].data, chi_truth, region)
+
+    print(f"\nCOSMOS benchmark: 5 orientations, grid {shape} at {args.voxel_size} mm "
+          f"({'truth local fields' if args.truth_fields else 'from wrapped phase'}), simulator oversample "
+          f"{args.oversample}")
+    print(f"{'stage':58s} {'wall s':>8s}")
+    for name, dt in times.items():
+        print(f"{name:58s} {dt:8.1f}")
+    print(f"peak RSS {_peak_rss_gb():.2f} GB")
+    print("registration error vs truth: rotation (deg) " + ", ".join(f"{e:.3f}" for e in rot_err)
+          + "; translation at brain centre (mm) " + ", ".join(f"{e:.3f}" for e in trans_err))
+    for name, e in acc.items():
+        print(f"{name:24s} NRMSE {e['nrmse']:6.1f} %  HFEN {e['hfen']:6.1f} %  XSIM {e['xsim']:.3f}")
+    ratio = acc["cosmos_closed_form"]["nrmse"] / acc["tkd_reference"]["nrmse"]
+    print(f"NRMSE ratio COSMOS (closed form) / TKD = {ratio:.2f}")
+    result = {"shape": list(shape), "voxel_size_mm": args.voxel_size, "truth_fields": args.truth_fields,
+              "oversample": args.oversample, "times_s": times, "peak_rss_gb": _peak_rss_gb(),
+              "rotation_error_deg": rot_err, "translation_error_mm": trans_err,
+              "accuracy": {k: {m: float(v[m]) for m in ("nrmse", "hfen", "xsim")} for k, v in acc.items()},
+              "nrmse_ratio_cosmos_tkd": ratio}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

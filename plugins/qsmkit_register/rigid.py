@@ -1,0 +1,406 @@
+"""Rigid (Euler3D) registration of head orientations with SimpleITK, resampling, B0 composition.
+
+World coordinates are the NIfTI (nibabel, RAS) scanner coordinates of each acquisition, in mm.
+The images are handed to SimpleITK with origin, spacing and direction taken from the affine as it
+is (SimpleITK only needs one consistent physical frame), so every transform found here maps
+**reference world coordinates to moving-acquisition world coordinates**, as ITK transforms map
+fixed-image points to moving-image points:
+
+``y_moving = M[:3, :3] @ x_ref + M[:3, 3]``  with ``M`` the 4x4 world matrix.
+
+B0 is the world z axis of each acquisition's scanner frame (or whatever direction that
+acquisition's ``Volume.b0_direction`` says). In the reference world frame it is
+``M[:3, :3].T @ b_world_moving``; in the reference voxel frame it then follows
+:func:`qsmkit.physics.b0_direction_from_affine` of the reference affine. SimpleITK is imported
+inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from qsmkit.physics import b0_direction_from_affine, voxel_sizes
+
+__all__ = [
+    "RigidResult", "to_sitk", "rigid_register", "euler_matrix", "rotation_angle_deg",
+    "resample_to_reference", "resample_masked", "b0_in_reference_frame", "b0_world_from_voxel",
+    "fov_fraction",
+]
+
+
+# --------------------------------------------------------------------------- geometry helpers
+def _direction(affine: np.ndarray) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    return a[:3, :3] / voxel_sizes(a)[None, :]
+
+
+def to_sitk(data: np.ndarray, affine: np.ndarray, pixel: str = "float32"):
+    """A ``SimpleITK.Image`` of a 3D array ``data`` (x, y, z) on the grid of ``affine``.
+
+    Index ``(i, j, k)`` of the image is ``data[i, j, k]`` and its physical point is
+    ``affine @ (i, j, k, 1)`` (mm).
+    """
+    import SimpleITK as sitk
+
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise ValueError(f"to_sitk() needs a 3D array, got shape {arr.shape}")
+    arr = arr.astype(np.uint8 if pixel == "uint8" else np.float32, copy=False)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    a = np.asarray(affine, dtype=np.float64)
+    img.SetSpacing(tuple(float(v) for v in voxel_sizes(a)))
+    img.SetOrigin(tuple(float(v) for v in a[:3, 3]))
+    img.SetDirection(tuple(float(v) for v in _direction(a).ravel()))
+    return img
+
+
+def _from_sitk(img) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))
+
+
+def euler_matrix(angles_rad: Sequence[float]) -> np.ndarray:
+    """Rotation matrix of ITK's ``Euler3DTransform`` angles (x, y, z) in rad: ``Rz @ Rx @ Ry``."""
+    ax, ay, az = (float(a) for a in angles_rad)
+    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ rx @ ry
+
+
+def rotation_angle_deg(rot: np.ndarray) -> float:
+    """Total rotation angle (deg) of a 3x3 rotation matrix (axis-angle magnitude)."""
+    c = (np.trace(np.asarray(rot, dtype=np.float64)) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def b0_world_from_voxel(affine: np.ndarray, b0_voxel: Sequence[float]) -> np.ndarray:
+    """World direction whose voxel-frame expression (per :func:`b0_direction_from_affine`) is ``b0_voxel``."""
+    rot = _direction(affine)
+    b = np.linalg.solve(rot.T, np.asarray(b0_voxel, dtype=np.float64))
+    return b / np.linalg.norm(b)
+
+
+def b0_in_reference_frame(ref_affine: np.ndarray, matrix: np.ndarray,
+                          b0_world: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
+    """B0 of a moving acquisition expressed in the reference voxel frame.
+
+    Parameters
+    ----------
+    ref_affine : (4, 4)
+        Reference voxel -> reference world (mm) affine; may be oblique with anisotropic voxels.
+    matrix : (4, 4)
+        Rigid world transform reference world -> moving world (mm), e.g. :attr:`RigidResult.matrix`.
+    b0_world : 3 floats
+        B0 direction in the moving acquisition's world (scanner) frame; ``(0, 0, 1)`` normally.
+
+    Returns
+    -------
+    ndarray (3,)
+        Unit vector in the reference voxel frame: ``b0_direction_from_affine(ref_affine, Q.T @ b0_world)``
+        with ``Q = matrix[:3, :3]``.
+    """
+    q = np.asarray(matrix, dtype=np.float64)[:3, :3]
+    b_ref_world = q.T @ np.asarray(b0_world, dtype=np.float64)
+    return b0_direction_from_affine(ref_affine, b_ref_world)
+
+
+# --------------------------------------------------------------------------- registration
+#: metric samples per evaluation of the exhaustive rotation search
+_SEARCH_SAMPLES = 20_000
+
+@dataclass
+class RigidResult:
+    """Outcome of :func:`rigid_register`.
+
+    Attributes
+    ----------
+    matrix : ndarray (4, 4)
+        Reference world (mm) -> moving world (mm).
+    angles_deg : ndarray (3,)
+        ITK Euler3D angles about x, y, z in degrees (``R = Rz @ Rx @ Ry``).
+    rotation_angle_deg : float
+        Total rotation angle (deg), independent of the angle convention.
+    translation_mm : ndarray (3,)
+        Displacement of :attr:`center_mm` (``M(c) - c``), mm.
+    center_mm : ndarray (3,)
+        Centre of rotation in reference world coordinates (mm).
+    metric_value : float
+        Final metric value (negative MI or negative correlation; lower is better).
+    converged : bool
+        False when the optimizer stopped at the iteration limit of the finest level.
+    stop_condition : str
+        SimpleITK's description of why the optimizer stopped.
+    iterations : int
+        Iterations spent at the finest level.
+    metric_history : list
+        Metric value of the last iteration of each level.
+    """
+
+    matrix: np.ndarray
+    angles_deg: np.ndarray
+    rotation_angle_deg: float
+    translation_mm: np.ndarray
+    center_mm: np.ndarray
+    metric_value: float
+    converged: bool
+    stop_condition: str
+    iterations: int
+    metric_history: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """JSON-friendly dictionary (lists and floats)."""
+        return {
+            "matrix": np.asarray(self.matrix).tolist(),
+            "rotation_deg": [float(a) for a in self.angles_deg],
+            "rotation_convention": "ITK Euler3D about x, y, z; R = Rz @ Rx @ Ry; reference world -> moving world",
+            "rotation_angle_deg": float(self.rotation_angle_deg),
+            "translation_mm": [float(t) for t in self.translation_mm],
+            "center_mm": [float(c) for c in self.center_mm],
+            "metric_value": float(self.metric_value),
+            "converged": bool(self.converged),
+            "stop_condition": self.stop_condition,
+            "iterations": int(self.iterations),
+        }
+
+
+def _dilate(mask: np.ndarray, voxel_size: Sequence[float], margin_mm: float) -> np.ndarray:
+    from scipy import ndimage
+
+    m = np.asarray(mask) > 0
+    if margin_mm <= 0:
+        return m
+    r = np.maximum(np.round(margin_mm / np.asarray(voxel_size, dtype=float)).astype(int), 0)
+    if not r.any():
+        return m
+    grids = np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij")
+    ball = sum((g / max(k, 1)) ** 2 for g, k in zip(grids, r)) <= 1.0
+    return ndimage.binary_dilation(m, structure=ball)
+
+
+def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
+                   fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None, *,
+                   metric: str = "mattes", histogram_bins: int = 32,
+                   shrink_factors: Sequence[int] = (4, 2, 1), smoothing_sigmas: Sequence[float] = (2.0, 1.0, 0.0),
+                   iterations: int = 200, learning_rate: float = 1.0, min_step: float = 1e-4,
+                   relaxation: float = 0.8,
+                   sampling_percentage: float = 0.25, max_samples: int | None = 100_000, seed: int = 0,
+                   initializer: str = "moments",
+                   mask_margin_mm: float = 4.0, search_range_deg: float = 30.0,
+                   search_step_deg: float = 10.0) -> RigidResult:
+    """Rigid registration of ``moving`` onto ``fixed`` (both 3D magnitude images).
+
+    Euler3D transform, centred initializer (image moments or geometry), multi-resolution
+    regular-step gradient descent with physical-shift parameter scales, and Mattes mutual
+    information or normalised correlation, sampled randomly inside the (dilated) masks.
+
+    Parameters
+    ----------
+    fixed, moving : ndarray (x, y, z)
+        Reference and moving magnitude (a.u.), e.g. first echoes.
+    fixed_affine, moving_affine : (4, 4)
+        Voxel -> world (mm) affines of the two grids.
+    fixed_mask, moving_mask : ndarray or None
+        Brain masks; each is dilated by ``mask_margin_mm`` (mm) and restricts metric sampling.
+    metric : {"mattes", "correlation"}
+        Mattes mutual information (``histogram_bins`` bins) or normalised cross-correlation.
+    shrink_factors, smoothing_sigmas : sequences of equal length
+        Per-level downsampling factors and Gaussian sigmas (voxels), coarse to fine.
+    iterations : int
+        Maximum optimizer iterations per level.
+    learning_rate, min_step : float
+        Initial and minimum step of the regular-step gradient descent (about mm of voxel shift).
+    relaxation : float
+        Step reduction factor when the gradient changes direction (0-1); values near 1 take more,
+        smaller-reduction steps and reach a more precise optimum on noisy metrics.
+    sampling_percentage : float
+        Fraction (0-1] of the masked fixed voxels sampled per iteration; 1 uses all of them.
+    max_samples : int or None
+        Upper bound on the samples per level (the fraction is lowered on large images so that a
+        1 mm whole head costs about what a 2 mm one does); ``None``: no bound.
+    seed : int
+        Random seed of the metric sampler (results are reproducible for a given seed).
+    initializer : {"moments", "geometry"}
+        Centre the transform on the intensity centres of mass or on the grid centres.
+    mask_margin_mm : float
+        Dilation (mm) of the masks before they restrict the metric (keeps the brain edge).
+    search_range_deg, search_step_deg : float
+        Before the gradient descent, an exhaustive search over the three rotation angles in
+        ``[-range, +range]`` by ``step`` (deg) at the coarsest level picks the start (gradient
+        descent alone stalls in local optima for rotations above ~10 deg). ``range = 0`` skips it.
+
+    Returns
+    -------
+    RigidResult
+    """
+    import SimpleITK as sitk
+
+    if len(shrink_factors) != len(smoothing_sigmas):
+        raise ValueError("shrink_factors and smoothing_sigmas need the same number of levels")
+    f_img = to_sitk(fixed, fixed_affine)
+    m_img = to_sitk(moving, moving_affine)
+
+    init_mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if initializer == "moments"
+                 else sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    if initializer == "moments":
+        # moments of the masked images: the neck / background do not pull the centres apart
+        f_init = to_sitk(np.where(fixed_mask > 0, fixed, 0) if fixed_mask is not None else fixed, fixed_affine)
+        m_init = to_sitk(np.where(moving_mask > 0, moving, 0) if moving_mask is not None else moving, moving_affine)
+    else:
+        f_init, m_init = f_img, m_img
+    tx = sitk.Euler3DTransform(sitk.CenteredTransformInitializer(f_init, m_init, sitk.Euler3DTransform(), init_mode))
+
+    f_mask = m_mask = f_mask_arr = None
+    if fixed_mask is not None:
+        f_mask_arr = _dilate(fixed_mask, voxel_sizes(fixed_affine), mask_margin_mm)
+        f_mask = to_sitk(f_mask_arr, fixed_affine, "uint8")
+    if moving_mask is not None:
+        m_mask = to_sitk(_dilate(moving_mask, voxel_sizes(moving_affine), mask_margin_mm), moving_affine, "uint8")
+
+    def method():
+        r = sitk.ImageRegistrationMethod()
+        if metric == "mattes":
+            r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(histogram_bins))
+        elif metric == "correlation":
+            r.SetMetricAsCorrelation()
+        else:
+            raise ValueError(f"unknown metric {metric!r}; use mattes or correlation")
+        if f_mask is not None:
+            r.SetMetricFixedMask(f_mask)
+        if m_mask is not None:
+            r.SetMetricMovingMask(m_mask)
+        r.SetInterpolator(sitk.sitkLinear)
+        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+        return r
+
+    n_search = int(np.floor(search_range_deg / search_step_deg + 1e-9)) if search_step_deg > 0 else 0
+    if search_range_deg > 0 and n_search > 0:
+        # exhaustive rotation search at the coarsest level (all voxels of the shrunk image)
+        srch = method()
+        s_max = float(max(shrink_factors))
+        n_coarse = max(float(np.count_nonzero(f_mask_arr)) if f_mask_arr is not None
+                       else float(np.prod(np.shape(fixed))), 1.0) / s_max ** 3
+        if n_coarse > _SEARCH_SAMPLES:  # a fixed random subset keeps the 7^3-point search cheap
+            srch.SetMetricSamplingStrategy(srch.RANDOM)
+            srch.SetMetricSamplingPercentage(_SEARCH_SAMPLES / n_coarse, int(seed))
+        srch.SetOptimizerAsExhaustive([n_search] * 3 + [0, 0, 0], float(np.radians(search_step_deg)))
+        srch.SetOptimizerScales([1.0] * 6)
+        srch.SetShrinkFactorsPerLevel([int(max(shrink_factors))])
+        srch.SetSmoothingSigmasPerLevel([float(smoothing_sigmas[int(np.argmax(shrink_factors))])])
+        srch.SetInitialTransform(tx, inPlace=True)
+        srch.Execute(f_img, m_img)
+
+    reg = method()
+    # per-level sampling fraction: sampling_percentage, capped at max_samples points per level
+    n_region = float(np.count_nonzero(f_mask_arr)) if f_mask_arr is not None else float(np.prod(np.shape(fixed)))
+    pcts = []
+    for s in shrink_factors:
+        n_level = max(n_region / float(s) ** 3, 1.0)
+        cap = 1.0 if max_samples is None else float(max_samples) / n_level
+        pcts.append(float(min(1.0, sampling_percentage, max(cap, 1e-4))))
+    if min(pcts) < 1.0:
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentagePerLevel(pcts, int(seed))
+    else:
+        reg.SetMetricSamplingStrategy(reg.NONE)
+    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=float(learning_rate), minStep=float(min_step),
+                                                 numberOfIterations=int(iterations), relaxationFactor=float(relaxation),
+                                                 gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([int(s) for s in shrink_factors])
+    reg.SetSmoothingSigmasPerLevel([float(s) for s in smoothing_sigmas])
+    reg.SetInitialTransform(tx, inPlace=True)
+
+    history: list = []  # last metric value of each level
+    reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: history.append(float("nan")))
+    reg.AddCommand(sitk.sitkIterationEvent,
+                   lambda: history.__setitem__(-1, reg.GetMetricValue()) if history else None)
+    reg.Execute(f_img, m_img)
+
+    stop = reg.GetOptimizerStopConditionDescription()
+    n_it = int(reg.GetOptimizerIteration())
+    converged = not ("maximum number of iterations" in stop.lower() or n_it >= int(iterations))
+
+    params = np.asarray(tx.GetParameters(), dtype=np.float64)
+    center = np.asarray(tx.GetCenter(), dtype=np.float64)
+    rot = np.asarray(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    trans = params[3:6]
+    mat = np.eye(4)
+    mat[:3, :3] = rot
+    mat[:3, 3] = center + trans - rot @ center
+    return RigidResult(matrix=mat, angles_deg=np.degrees(params[:3]), rotation_angle_deg=rotation_angle_deg(rot),
+                       translation_mm=trans, center_mm=center, metric_value=float(reg.GetMetricValue()),
+                       converged=converged, stop_condition=stop, iterations=n_it, metric_history=history)
+
+
+# --------------------------------------------------------------------------- resampling
+def _interp(name: str):
+    import SimpleITK as sitk
+
+    return {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}[name]
+
+
+def resample_to_reference(data: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,
+                          matrix: np.ndarray, interpolation: str = "linear", default: float = 0.0) -> np.ndarray:
+    """Resample a 3D array of a moving grid onto the reference grid (float32).
+
+    The value at reference voxel ``v`` is ``data`` interpolated at moving world point
+    ``matrix @ ref_affine @ v``; points outside the moving grid get ``default``.
+    ``interpolation`` is ``linear``, ``bspline`` (cubic) or ``nearest``.
+    """
+    import SimpleITK as sitk
+
+    src = to_sitk(data, affine)
+    ref = to_sitk(np.zeros(tuple(int(s) for s in ref_shape), dtype=np.uint8), ref_affine, "uint8")
+    t = sitk.AffineTransform(3)
+    m = np.asarray(matrix, dtype=np.float64)
+    t.SetMatrix(tuple(float(v) for v in m[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in m[:3, 3]))
+    out = sitk.Resample(src, ref, t, _interp(interpolation), float(default), sitk.sitkFloat32)
+    return _from_sitk(out).astype(np.float32, copy=False)
+
+
+def resample_masked(field: np.ndarray, mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int],
+                    ref_affine: np.ndarray, matrix: np.ndarray, interpolation: str = "linear",
+                    threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Resample a field defined only inside ``mask`` without mixing in the zeros outside it.
+
+    Normalised interpolation: ``resample(field * mask) / resample(mask)``, kept where the
+    interpolated mask is at least ``threshold``. Returns ``(field_ref float32, mask_ref bool)``.
+    """
+    m = (np.asarray(mask) > 0).astype(np.float32)
+    num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, ref_shape, ref_affine,
+                                matrix, interpolation)
+    den = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "linear")
+    if interpolation == "bspline":
+        den_b = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "bspline")
+    else:
+        den_b = den
+    keep = den >= threshold
+    out = np.zeros(keep.shape, dtype=np.float32)
+    out[keep] = num[keep] / np.maximum(den_b[keep], 1e-3)
+    return out, keep
+
+
+def fov_fraction(mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,
+                 matrix: np.ndarray) -> float:
+    """Fraction of the moving mask's voxels that land inside the reference grid.
+
+    A moving voxel at world point ``y`` lands at reference world ``inv(matrix) @ y`` and
+    reference voxel ``inv(ref_affine) @ inv(matrix) @ y``; it is inside when every index is
+    within ``[-0.5, n - 0.5]``.
+    """
+    idx = np.argwhere(np.asarray(mask) > 0)
+    if idx.size == 0:
+        return 0.0
+    full = (np.linalg.inv(np.asarray(ref_affine, dtype=np.float64))
+            @ np.linalg.inv(np.asarray(matrix, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64))
+    v = idx @ full[:3, :3].T + full[:3, 3]
+    n = np.asarray(ref_shape[:3], dtype=np.float64)
+    inside = np.all((v >= -0.5) & (v <= n - 0.5), axis=1)
+    return float(inside.mean())
