@@ -49,6 +49,33 @@ def open_h5(path: str | Path, what: str = "file"):
             f"cannot read {path} as HDF5 ({reason}); the file is truncated or corrupt - copy or download it again") from None
 
 
+class H5Reader:
+    """Base of the lazy HDF5 readers: opens the file, runs the subclass's ``_validate``, closes on error."""
+
+    what = "file"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = open_h5(self.path, self.what)
+        try:
+            self._validate()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _validate(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def _et_query(root: ET.Element, qlist: Sequence[str]) -> str | None:
     """First descendant along ``qlist`` (as fastMRI's ``et_query``); ``None`` if absent."""
     s = "."
@@ -124,7 +151,7 @@ def _attr(v: Any) -> Any:
     return v
 
 
-class FastMRIFile:
+class FastMRIFile(H5Reader):
     """A fastMRI HDF5 file opened for lazy, per-slice reading.
 
     Only the header, attributes and dataset shapes are read on opening; :meth:`read_kspace`
@@ -136,24 +163,7 @@ class FastMRIFile:
         The ``.h5`` file.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._f = open_h5(self.path, "fastMRI file")
-        try:
-            self._validate()
-        except BaseException:
-            self._f.close()
-            raise
-
-    # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "FastMRIFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._f.close()
+    what = "fastMRI file"
 
     # -- structure ---------------------------------------------------------------------------
     def _validate(self) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from qsmkit.errors import InputDataError, ParameterError
 
-from .fastmri import open_h5
+from .fastmri import H5Reader
 from .kdata import KSpaceData, parse_slices
 
 __all__ = ["SkmTeaFile", "read_skmtea", "SKMTEA_VOXEL_SIZE", "pad_mask_center"]
@@ -47,26 +47,10 @@ def pad_mask_center(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-class SkmTeaFile:
+class SkmTeaFile(H5Reader):
     """An skm-tea recon file opened for lazy reading of single readout (x) slices."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._f = open_h5(self.path, "skm-tea file")
-        try:
-            self._validate()
-        except BaseException:
-            self._f.close()
-            raise
-
-    def __enter__(self) -> "SkmTeaFile":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._f.close()
+    what = "skm-tea file"
 
     def _validate(self) -> None:
         import h5py
