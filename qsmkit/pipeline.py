@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from . import inputs as _in
-from .errors import ConfigError, MissingArtifactError, OutputError, QsmkitError, StageError
+from .errors import ConfigError, InputDataError, MissingArtifactError, OutputError, QsmkitError, StageError
 from .registry import StageRegistry
 from .stage import PRODUCED_BY, Params, Stage, StageContext
 from .volume import Volume
@@ -355,10 +355,10 @@ def load_inputs(plan: Plan) -> tuple[dict, list[dict] | None, dict]:
         te0, b00 = per[0].get("echo_times"), per[0].get("field_strength")
         for i, a in enumerate(per[1:], 1):
             if te0 is not None and (a.get("echo_times") is None or not np.allclose(a["echo_times"], te0)):
-                raise _in.InputDataError(f"inputs.orientations.{i}: echo times differ from the reference "
+                raise InputDataError(f"inputs.orientations.{i}: echo times differ from the reference "
                                          f"orientation's; COSMOS needs the same echo times for every orientation")
             if b00 is not None and a.get("field_strength") != b00:
-                raise _in.InputDataError(f"inputs.orientations.{i}: field strength differs from the reference "
+                raise InputDataError(f"inputs.orientations.{i}: field strength differs from the reference "
                                          f"orientation's")
         art = dict(per[0])
     return art, per, truth

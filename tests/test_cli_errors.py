@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from helpers import oblique_affine, run_cli, sphere_field, write_nifti
+from helpers import oblique_affine, run_cli, write_nifti
 
 SHAPE = (12, 12, 10)
 TE = "[0.004, 0.008, 0.012]"

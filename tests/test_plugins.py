@@ -1,5 +1,6 @@
 """Plugin discovery: built-ins and a separately packaged third-party plugin through entry points."""
 
+import shutil
 import subprocess
 import sys
 import types
@@ -26,9 +27,11 @@ def _module(name, hook):
 def site(tmp_path_factory):
     """The example third-party and broken plugin distributions, pip-installed into a private folder."""
     target = tmp_path_factory.mktemp("site")
+    sources = tmp_path_factory.mktemp("src")
     for dist in ("thirdparty", "broken"):
+        src = shutil.copytree(HERE / "plugins" / dist, sources / dist)  # builds leave nothing in the checkout
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        "--no-index", "--target", str(target), str(HERE / "plugins" / dist)], check=True)
+                        "--no-index", "--target", str(target), str(src)], check=True)
     return target
 
 
