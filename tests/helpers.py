@@ -62,3 +62,12 @@ def run_cli_subprocess(args, env_extra=None, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "qsmkit.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=cwd)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+def run_stage(cls, art, params=None):
+    """Run a Stage class on a dict of artifacts; return the artifacts updated with its outputs."""
+    from qsmkit.stage import StageContext
+
+    p = cls.validate_params(params or {}, where="stages.0")
+    out = cls().run(StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lambda m: None), p)
+    return {**art, **out}

@@ -10,23 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_stage
+
 h5py = pytest.importorskip("h5py")
 
 from qsmkit.errors import ConfigError, GeometryError, InputDataError, ParameterError, QsmkitError  # noqa: E402
-from qsmkit.stage import StageContext  # noqa: E402
 
 import qsmkit_kspace as K  # noqa: E402
 from qsmkit_kspace.fastmri import FastMRIFile, parse_ismrmrd_header, read_fastmri  # noqa: E402
 from qsmkit_kspace.simulate import ismrmrd_header_xml, simulate_kspace_files  # noqa: E402
 from qsmkit_kspace.skmtea import SkmTeaFile, read_skmtea  # noqa: E402
-
-
-def run_stage(cls, art, params=None):
-    p = cls.validate_params(params or {}, where="stages.0")
-    out = cls().run(StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lambda m: None), p)
-    new = dict(art)
-    new.update(out)
-    return new
 
 
 @pytest.fixture(scope="module")

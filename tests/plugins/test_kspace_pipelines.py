@@ -21,20 +21,13 @@ CASES = [
 ]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     return simulate_kspace_files(tmp_path_factory.mktemp("kspace_pipes"), matrix=(32, 96), n_slices=2, n_coils=8,
                                  skmtea_shape=(3, 40, 32), accelerations=(4.0,), seed=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name,key,extra", CASES)

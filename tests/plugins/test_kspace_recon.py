@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import run_stage
+
 torch = pytest.importorskip("torch")
 
 from qsmkit.errors import MissingArtifactError, ParameterError  # noqa: E402
-from qsmkit.stage import StageContext  # noqa: E402
 
 import qsmkit_kspace as K  # noqa: E402
 from qsmkit_kspace.cs import Wavelet2D, cs_wavelet, fista, pogm  # noqa: E402
@@ -20,21 +21,7 @@ from qsmkit_kspace.simulate import simulate_multicoil, simulate_kspace_files  # 
 from qsmkit_kspace.transforms import center_crop, fft2c, ifft2c, ifft2c_np, normalization_scale  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: thread start-up costs more than it saves (and CI shares its cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def run_stage(cls, art, params=None):
-    p = cls.validate_params(params or {}, where="stages.0")
-    out = cls().run(StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lambda m: None), p)
-    new = dict(art)
-    new.update(out)
-    return new
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def crandn(*shape, seed=0):
