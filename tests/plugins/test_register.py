@@ -172,12 +172,17 @@ def test_stage_oblique_reference_anisotropic_b0_and_fields():
     assert np.all(reg["noise_weight"].data[~reg["mask"].data] == 0)
 
 
-# --------------------------------------------------------------------------- acceptance 1 (simulator)
+# --------------------------------------------------------------------------- acceptance 1 and 2 (simulator)
+# One 5-orientation dataset serves both: 128^3 at 1 mm (a 128 mm field of view, so a scaled-down
+# head sampled like a life-size one at ~1.5 mm), simulated on the 2x finer grid, noise free.
+# The resolution matters for acceptance 2: the simulator's sub-voxel forward model differs from
+# any single-grid dipole kernel by 8-16 % of the local field at 1 mm but 13-26 % at 2 mm, and
+# that mismatch, not the inversion, bounds COSMOS (see benchmarks/bench_cosmos.py).
 @functools.lru_cache(maxsize=1)
 def _phantoms():
     from qsmkit.simulate import simulate_orientations
 
-    return simulate_orientations(ROTATIONS, shape=(64, 64, 64), voxel_size=(2.0, 2.0, 2.0), seed=0)
+    return simulate_orientations(ROTATIONS, shape=(128, 128, 128), voxel_size=(1.0, 1.0, 1.0), seed=0)
 
 
 @functools.lru_cache(maxsize=1)
@@ -205,6 +210,7 @@ def test_five_orientations_rotations_recovered():
         trans_err.append(np.linalg.norm((mat - true)[:3, :3] @ centre + (mat - true)[:3, 3]))
         assert tr["converged"] and tr["mask_dice"] > 0.95
         assert abs(tr["rotation_angle_deg"] - rotation_angle_deg(ph.rotation)) < 0.5
+    # measured: rotation errors 0.007-0.031 deg, translations at the brain centre <= 0.007 mm
     assert max(rot_err) < 0.5, rot_err
     assert max(trans_err) < 0.5, trans_err
     # B0 of every orientation in the reference voxel frame = R.T @ z (axial reference)
@@ -214,25 +220,35 @@ def test_five_orientations_rotations_recovered():
     assert len(out["transforms"]) == 5 and out["transforms"][0]["reference"]
 
 
-def test_registered_truth_fields_cosmos_beats_tkd():
-    """Acceptance 2 on the simulator's own (fine-grid) local fields after registration."""
+def test_cosmos_from_registered_local_fields_beats_tkd_by_factor():
+    """Acceptance 2: COSMOS NRMSE <= 0.6 x single-orientation TKD on the reference orientation.
+
+    Both start from the simulator's local fields (the field of the brain's own susceptibility,
+    computed on the finer grid), COSMOS after registration and resampling, through the stages
+    with their default parameters (COSMOS: CG from the closed form; TKD: threshold 0.15, corrected).
+    """
     from qsmkit import metrics as qm
-    from qsmkit_cosmos import cosmos
-    from qsmkit_tkd import tkd
+    from qsmkit.plugins import load_registry
 
     ref = _phantoms()[0]
-    ors = _registered()["orientations"]
-    mask = np.logical_and.reduce([o["mask"].data for o in ors])
-    f0 = ors[0]["local_field"]
-    chi = cosmos([o["local_field"].data for o in ors], [o["local_field"].b0_direction for o in ors],
-                 f0.voxel_size, mask)
-    t = tkd(f0.data, ref.mask.data, f0.voxel_size, f0.b0_direction)
-    e_c = qm.evaluate(chi, ref.truth["chi"].data, mask)
-    e_t = qm.evaluate(t, ref.truth["chi"].data, mask)
-    # measured (64^3, 2 mm): COSMOS ~25 % vs TKD ~35 % NRMSE; the simulator's sub-voxel forward
-    # model bounds both (see test_cosmos for exact fields, where the ratio is < 0.6)
-    assert e_c["nrmse"] < 0.85 * e_t["nrmse"]
-    assert e_c["hfen"] < e_t["hfen"] and e_c["xsim"] > e_t["xsim"]
+    reg = load_registry()
+
+    def stage(kind, method, art):
+        cls = reg.get(kind, method)
+        return cls().run(StageContext(art, stage_label=f"{kind}/{method}", log=lambda m: None),
+                         cls.validate_params({}, where="test"))
+
+    cos = stage("inversion", "cosmos", {"orientations": _registered()["orientations"]})
+    tkd = stage("inversion", "tkd", {"local_field": ref.truth["local_field"], "mask": ref.truth["mask"]})
+    region = cos["mask"].data & ref.truth["mask"].data
+    assert region.sum() > 0.95 * ref.truth["mask"].data.sum()
+    e_c = qm.evaluate(cos["chi"].data, ref.truth["chi"].data, region)
+    e_t = qm.evaluate(tkd["chi"].data, ref.truth["chi"].data, region)
+    # measured: COSMOS 16.8 % NRMSE, HFEN 8.1 %, XSIM 0.92; TKD 34.0 %, 34.3 %, 0.71 (ratio 0.49)
+    assert e_c["nrmse"] <= 0.6 * e_t["nrmse"], (e_c["nrmse"], e_t["nrmse"])
+    assert e_c["hfen"] <= 0.6 * e_t["hfen"]
+    assert e_c["xsim"] > e_t["xsim"] + 0.1
+    assert cos["metrics"]["cosmos"]["solver"] == "cg"
 
 
 # --------------------------------------------------------------------------- errors
