@@ -21,9 +21,9 @@ from qsmkit import Param, Stage, Volume, hookimpl
 from qsmkit.errors import InputDataError, StageError
 
 from .rigid import (RigidResult, b0_in_reference_frame, b0_world_from_voxel, fov_fraction, resample_masked,
-                    resample_to_reference, rigid_register)
+                    resample_masked_many, resample_to_reference, rigid_register)
 
-__all__ = ["SimpleITKRegister", "rigid_register", "resample_to_reference", "resample_masked",
+__all__ = ["SimpleITKRegister", "rigid_register", "resample_to_reference", "resample_masked", "resample_masked_many",
            "b0_in_reference_frame", "fov_fraction", "RigidResult", "check_orientations", "orientation_label"]
 
 
@@ -157,8 +157,10 @@ class SimpleITKRegister(Stage):
             if not mask.any():
                 raise StageError(f"{where}: {label} has an empty mask; check its mask/background stages")
             mag = _first_echo(o["magnitude"]).astype(np.float32)
-            if o["magnitude"].grid_shape != fld.grid_shape or o["mask"].grid_shape != fld.grid_shape:
-                raise InputDataError(f"{where}: {label}: magnitude, mask and local_field are on different grids")
+            nw = o.get("noise_weight") if isinstance(o.get("noise_weight"), Volume) else None
+            if any(v.grid_shape != fld.grid_shape for v in (o["magnitude"], o["mask"], nw) if v is not None):
+                raise InputDataError(f"{where}: {label}: magnitude, mask, local_field and noise_weight are on "
+                                     f"different grids; give them all on that acquisition's grid")
             ctx.log(f"registering {label} to the reference ({p.metric}, levels {p.shrink_factors})")
             try:
                 res = rigid_register(
@@ -184,8 +186,10 @@ class SimpleITKRegister(Stage):
                 raise StageError(f"{where}: registration of {label} did not converge in {p.iterations} iterations "
                                  f"at the finest level ({res.stop_condition.split(':')[-1].strip()[:80]}); raise "
                                  f"iterations or learning_rate, or check the images")
-            field_r, mask_r = resample_masked(fld.data, mask, fld.affine, ref_shape, ref_aff, res.matrix,
-                                              p.interpolation)
+            # field and noise weight share the mask: it is resampled once for both
+            resampled, mask_r = resample_masked_many([fld.data] + ([nw.data] if nw is not None else []), mask,
+                                                     fld.affine, ref_shape, ref_aff, res.matrix, p.interpolation)
+            field_r = resampled[0]
             inter = int(np.count_nonzero(mask_r & ref_mask))
             dice = 2.0 * inter / max(1, int(mask_r.sum()) + int(ref_mask.sum()))
             if dice < p.min_mask_dice:
@@ -199,10 +203,8 @@ class SimpleITKRegister(Stage):
             entry["mask"] = vol_ref(mask_r, o["mask"], "bool", b_ref, i)
             mag_r = resample_to_reference(mag, fld.affine, ref_shape, ref_aff, res.matrix, p.interpolation)
             entry["magnitude"] = vol_ref(mag_r[..., None], o["magnitude"], o["magnitude"].units, b_ref, i)
-            nw = o.get("noise_weight")
-            if isinstance(nw, Volume):
-                nw_r, _ = resample_masked(nw.data, mask, nw.affine, ref_shape, ref_aff, res.matrix, p.interpolation)
-                entry["noise_weight"] = vol_ref(np.where(mask_r, np.maximum(nw_r, 0), 0).astype(np.float32), nw,
+            if nw is not None:
+                entry["noise_weight"] = vol_ref(np.where(mask_r, np.maximum(resampled[1], 0), 0).astype(np.float32), nw,
                                                 nw.units, b_ref, i)
             tdict = {"orientation": i, "source": label, "reference": False, **res.as_dict(),
                      "fov_fraction": frac, "mask_dice": dice, "b0_direction_reference_voxel": b_ref.tolist()}

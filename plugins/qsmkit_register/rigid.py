@@ -176,11 +176,17 @@ def _dilate(mask: np.ndarray, voxel_size: Sequence[float], margin_mm: float) -> 
     if margin_mm <= 0:
         return m
     r = np.maximum(np.round(margin_mm / np.asarray(voxel_size, dtype=float)).astype(int), 0)
-    if not r.any():
+    if not r.any() or not m.any():
         return m
     grids = np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij")
     ball = sum((g / max(k, 1)) ** 2 for g, k in zip(grids, r)) <= 1.0
-    return ndimage.binary_dilation(m, structure=ball)
+    # dilate only the mask's bounding box grown by the ball radius (a third of a head grid)
+    idx = np.argwhere(m)
+    box = tuple(slice(max(int(lo) - k, 0), min(int(hi) + k + 1, n))
+                for lo, hi, k, n in zip(idx.min(0), idx.max(0), r, m.shape))
+    out = np.zeros_like(m)
+    out[box] = ndimage.binary_dilation(m[box], structure=ball)
+    return out
 
 
 def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
@@ -373,18 +379,28 @@ def resample_masked(field: np.ndarray, mask: np.ndarray, affine: np.ndarray, ref
     Normalised interpolation: ``resample(field * mask) / resample(mask)``, kept where the
     interpolated mask is at least ``threshold``. Returns ``(field_ref float32, mask_ref bool)``.
     """
-    m = (np.asarray(mask) > 0).astype(np.float32)
-    num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, ref_shape, ref_affine,
-                                matrix, interpolation)
-    den = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "linear")
-    if interpolation == "bspline":
-        den_b = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "bspline")
-    else:
-        den_b = den
-    keep = den >= threshold
-    out = np.zeros(keep.shape, dtype=np.float32)
-    out[keep] = num[keep] / np.maximum(den_b[keep], 1e-3)
+    (out,), keep = resample_masked_many([field], mask, affine, ref_shape, ref_affine, matrix, interpolation, threshold)
     return out, keep
+
+
+def resample_masked_many(fields: Sequence[np.ndarray], mask: np.ndarray, affine: np.ndarray,
+                         ref_shape: Sequence[int], ref_affine: np.ndarray, matrix: np.ndarray,
+                         interpolation: str = "linear", threshold: float = 0.5) -> tuple[list, np.ndarray]:
+    """:func:`resample_masked` for several fields sharing one mask (the mask is resampled once)."""
+    m = (np.asarray(mask) > 0).astype(np.float32)
+    den = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "linear")
+    den_b = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "bspline") \
+        if interpolation == "bspline" else den
+    keep = den >= threshold
+    den_k = np.maximum(den_b[keep], 1e-3)
+    outs = []
+    for field in fields:
+        num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, ref_shape, ref_affine,
+                                    matrix, interpolation)
+        out = np.zeros(keep.shape, dtype=np.float32)
+        out[keep] = num[keep] / den_k
+        outs.append(out)
+    return outs, keep
 
 
 def fov_fraction(mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,

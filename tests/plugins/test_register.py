@@ -271,6 +271,14 @@ def test_different_echo_times_or_field_strength_is_an_error():
         _run(orients[:1])
 
 
+def test_inputs_on_different_grids_are_an_error_naming_the_orientation():
+    orients = _small_pair()
+    nw = orients[1]["noise_weight"]
+    orients[1] = dict(orients[1], noise_weight=Volume(np.ones((20, 22, 16), np.float32), nw.affine))
+    with pytest.raises(InputDataError, match=r"orientation 1 \(ori-2_mag.nii.gz\).*noise_weight are on different grids"):
+        _run(orients)
+
+
 def test_not_converged_is_an_error_naming_the_orientation():
     orients = _small_pair(_rot("x", 12.0), np.array([2.0, 0.0, 0.0]))
     with pytest.raises(StageError, match=r"orientation 1 \(ori-2_mag.nii.gz\) did not converge"):
