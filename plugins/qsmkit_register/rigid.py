@@ -180,7 +180,7 @@ def _dilate(mask: np.ndarray, voxel_size: Sequence[float], margin_mm: float) -> 
         return m
     grids = np.meshgrid(*[np.arange(-k, k + 1) for k in r], indexing="ij")
     ball = sum((g / max(k, 1)) ** 2 for g, k in zip(grids, r)) <= 1.0
-    # dilate only the mask's bounding box grown by the ball radius (a third of a head grid)
+    # dilate only within the mask's bounding box grown by the ball radius, not the air around the head
     idx = np.argwhere(m)
     box = tuple(slice(max(int(lo) - k, 0), min(int(hi) + k + 1, n))
                 for lo, hi, k, n in zip(idx.min(0), idx.max(0), r, m.shape))
