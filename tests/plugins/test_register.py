@@ -227,19 +227,15 @@ def test_cosmos_from_registered_local_fields_beats_tkd_by_factor():
     computed on the finer grid), COSMOS after registration and resampling, through the stages
     with their default parameters (COSMOS: CG from the closed form; TKD: threshold 0.15, corrected).
     """
+    from helpers import run_stage
+
     from qsmkit import metrics as qm
     from qsmkit.plugins import load_registry
 
     ref = _phantoms()[0]
     reg = load_registry()
-
-    def stage(kind, method, art):
-        cls = reg.get(kind, method)
-        return cls().run(StageContext(art, stage_label=f"{kind}/{method}", log=lambda m: None),
-                         cls.validate_params({}, where="test"))
-
-    cos = stage("inversion", "cosmos", {"orientations": _registered()["orientations"]})
-    tkd = stage("inversion", "tkd", {"local_field": ref.truth["local_field"], "mask": ref.truth["mask"]})
+    cos = run_stage(reg.get("inversion", "cosmos"), {"orientations": _registered()["orientations"]})
+    tkd = run_stage(reg.get("inversion", "tkd"), {"local_field": ref.truth["local_field"], "mask": ref.truth["mask"]})
     region = cos["mask"].data & ref.truth["mask"].data
     assert region.sum() > 0.95 * ref.truth["mask"].data.sum()
     e_c = qm.evaluate(cos["chi"].data, ref.truth["chi"].data, region)
