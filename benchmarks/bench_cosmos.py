@@ -142,16 +142,16 @@ def main(argv=None) -> dict:
                                                             log=log)
     chi_truth = truths[0]["chi"].data
     region = res["mask"].data & truths[0]["mask"].data
-    acc = {"cosmos_closed_form": qm.evaluate(res["chi"].data, chi_truth, region)}
+    acc = {"cosmos_closed_form": qm.evaluate(chi_truth, res["chi"].data, region)}
     res_cg, dt = _run_stage(reg, "inversion", "cosmos", art, {"solver": "cg", "tol": args.cg_tol, "device": "cpu"},
                             log=log)
     n_it = res_cg["metrics"]["cosmos"]["cg"]["iterations"]
     times[f"inversion/cosmos cg ({n_it} it, incl. closed-form start)"] = dt
-    acc["cosmos_cg"] = qm.evaluate(res_cg["chi"].data, chi_truth, region)
+    acc["cosmos_cg"] = qm.evaluate(chi_truth, res_cg["chi"].data, region)
     estimates = {"cosmos_closed_form": res["chi"].data, "cosmos_cg": res_cg["chi"].data}
     ref_art = {"local_field": orients[0]["local_field"], "mask": orients[0]["mask"]}
     tk, times["inversion/tkd (reference only)"] = _run_stage(reg, "inversion", "tkd", ref_art)
-    acc["tkd_reference"] = qm.evaluate(tk["chi"].data, chi_truth, region)
+    acc["tkd_reference"] = qm.evaluate(chi_truth, tk["chi"].data, region)
     estimates["tkd_reference"] = tk["chi"].data
     for name, est in estimates.items():
         acc[name].update(_quadratic_share(est, chi_truth, region))

@@ -69,7 +69,7 @@ def main() -> None:
     t0 = time.perf_counter()
     chi_tkd = tkd(d["field"], m, tuple(d["voxel_size"]), d["b0"])
     t_tkd = time.perf_counter() - t0
-    e = qm.evaluate(chi_tkd, d["chi"], m)
+    e = qm.evaluate(d["chi"], chi_tkd, m)
     rows = [{"method": "TKD (0.15, pad 1.5)", "device": "cpu", "seconds": t_tkd, "nrmse %": e["nrmse"],
              "hfen %": e["hfen"], "xsim": e["xsim"]}]
 
@@ -98,7 +98,7 @@ def main() -> None:
     for dev in devices:
         for k in range(args.repeats):
             res = measure(lambda: run(dev))
-            ev = qm.evaluate(res.pop("chi"), d["chi"], m)
+            ev = qm.evaluate(d["chi"], res.pop("chi"), m)
             res.update({"nrmse %": ev["nrmse"], "hfen %": ev["hfen"], "xsim": ev["xsim"]})
             rows.append({"method": f"MEDI (lambda {args.lam:g})", "device": dev, "threads": args.threads,
                          "run": k + 1, "seconds": res["seconds"], "cpu s": res["cpu_seconds"],

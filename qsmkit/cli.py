@@ -1,4 +1,7 @@
-"""Command line: ``qsmkit run | validate | plugins | simulate | simulate-kspace | evaluate``.
+"""Command line: ``qsmkit run | validate | plugins | simulate | evaluate``, plus the plugins' commands.
+
+Plugins add commands through the ``qsmkit_register_commands`` hook (e.g. ``simulate-kspace``
+from the k-space plugin); the group loads them lazily (:class:`qsmkit.commands.PluginGroup`).
 
 User errors (:class:`qsmkit.errors.QsmkitError`) print one line ``error: ...`` on stderr and exit
 with status 2; ``--debug`` (or ``QSMKIT_DEBUG=1``) shows the traceback instead. Heavy modules
@@ -9,12 +12,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .commands import PluginGroup
 from .errors import QsmkitError
 
 SET_HELP = "Override a pipeline key, e.g. --set stages.4.params.lambda=500 (value parsed as YAML); repeatable."
@@ -30,7 +36,7 @@ def _floats(text: str, n: int | None, name: str) -> tuple[float, ...]:
     return vals
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="qsmkit")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
@@ -48,21 +54,37 @@ def _registry():
     return load_registry()
 
 
+class Terminated(BaseException):
+    """SIGTERM (what SLURM sends at a time limit) during a run: unwinds like Ctrl-C, exit 143."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 @cli.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path), help="Overrides output_dir.")
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path), help="Overrides output_dir.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--overwrite", is_flag=True,
+              help="Write into a folder that holds other files: same-named ones are replaced, others kept.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print errors and the output folder.")
-def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
+def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool, quiet: bool) -> None:
     """Validate and run PIPELINE (YAML); write NIfTI outputs and provenance.json."""
     from .pipeline import load_plan, run_plan
 
     registry = _registry()
-    plan = load_plan(pipeline, registry, overrides, output_dir)
+    plan = load_plan(pipeline, registry, overrides, output_dir, overwrite=overwrite)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
     for line in plan.summary()[:1]:
         log(line)
-    result = run_plan(plan, registry, log=log)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        result = run_plan(plan, registry, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(f"outputs: {plan.output_dir}")
     for f in result.files:
         if f.name in ("chi.nii.gz", "image.nii.gz"):
@@ -78,14 +100,15 @@ def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], qui
 
 
 @cli.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--output-dir", "-o", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...]) -> None:
+@click.option("--overwrite", is_flag=True, help="As for 'qsmkit run'.")
+def validate(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool) -> None:
     """Check PIPELINE without running it: stages, parameters, input files, output folder."""
     from .pipeline import load_plan
 
-    plan = load_plan(pipeline, _registry(), overrides, output_dir)
+    plan = load_plan(pipeline, _registry(), overrides, output_dir, overwrite=overwrite)
     for line in plan.summary():
         click.echo(line)
     click.echo("valid")
@@ -111,14 +134,19 @@ def plugins(kind: str | None) -> None:
             click.echo(f"      reads: {', '.join(cls.reads) or '-'}; writes: {', '.join(cls.writes) or '-'}")
             for p in cls.params:
                 click.echo(f"      {p.describe()}")
-    if reg.failures:
+    from .commands import describe_commands, plugin_commands
+
+    for line in describe_commands() if kind is None else ():
+        click.echo(line)
+    failures = reg.failures + plugin_commands().failures
+    if failures:
         click.echo("failed to load:")
-        for f in reg.failures:
+        for f in failures:
             click.echo(f"  {f.name}  [from {f.distribution}]  {f.reason}")
 
 
 @cli.command()
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
 @click.option("--shape", default=None, help="Grid, e.g. 128,128,96.")
 @click.option("--voxel-size", default=None, help="mm, e.g. 1.5,1.5,1.5.")
 @click.option("--echo-times", default=None, help="Seconds, e.g. 0.004,0.008,0.012.")
@@ -127,7 +155,9 @@ def plugins(kind: str | None) -> None:
 @click.option("--rotation", default=None, help="Head rotation in degrees about x,y,z.")
 @click.option("--snr", type=float, default=None, help="First-echo brain SNR (inf for noise-free).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direction, rotation, snr, seed) -> None:
+@click.option("--overwrite", is_flag=True, help="Write into a folder that holds other files (same names replaced).")
+def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direction, rotation, snr, seed,
+             overwrite: bool) -> None:
     """Write the numerical head phantom (magnitude, phase, truths) to OUT."""
     from .simulate import simulate_phantom
     from .inputs import check_echo_times, check_field_strength
@@ -147,23 +177,13 @@ def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direct
         kw["rotation_deg"] = _floats(rotation, 3, "--rotation")
     if snr is not None:
         kw["snr"] = snr
+    from .io.atomic import check_folder_for
+    from .simulate import PHANTOM_FILES
+
+    check_folder_for(out, PHANTOM_FILES, "phantom.json", overwrite)
     phantom = simulate_phantom(**kw)
     files = phantom.write(out)
     click.echo(f"wrote {len(files)} files to {out}")
-
-
-@cli.command("simulate-kspace")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--seed", type=int, default=0, show_default=True)
-def simulate_kspace(out: Path, seed: int) -> None:
-    """Write small multi-coil k-space files in the fastMRI and skm-tea layouts to OUT."""
-    try:
-        from qsmkit_kspace.simulate import simulate_kspace_files
-    except ImportError as exc:
-        raise QsmkitError(f"the k-space plugin is not available ({exc}); see 'qsmkit plugins'") from None
-    files = simulate_kspace_files(out, seed=seed)
-    for name, path in files.items():
-        click.echo(f"{name}: {path}")
 
 
 @cli.command()
@@ -188,7 +208,7 @@ def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_js
     if lab is not None:
         from .simulate import LABELS
         names = LABELS
-    res = _evaluate(vols["estimate"].data, vols["truth"].data, vols["mask"].data > 0.5, labels=lab, label_names=names)
+    res = _evaluate(vols["truth"].data, vols["estimate"].data, vols["mask"].data > 0.5, labels=lab, label_names=names)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -203,10 +223,32 @@ def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_js
             click.echo(f"{key:>20s}  {value}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """qsmkit's own warnings as one ``warning: ...`` line on stderr; others as Python shows them."""
+    from .errors import QsmkitWarning
+
+    if issubclass(category, QsmkitWarning):
+        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+    else:
+        warnings._showwarnmsg_impl(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+
+def _interrupted(exc: BaseException) -> int:
+    """Report Ctrl-C (exit 130) or SIGTERM (exit 143) after the run has cleaned up."""
+    from .pipeline.outputs import COMMITTED
+
+    name, code = ("SIGTERM", Terminated.exit_code) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+    done = f"the outputs in {COMMITTED[-1]} are complete" if COMMITTED else "nothing was written"
+    click.echo(f"interrupted ({name}); {done}", err=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the click group, turning user errors into one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("QSMKIT_DEBUG", "") not in ("", "0")
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
         rv = cli.main(args=args, prog_name="qsmkit", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -218,21 +260,29 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        if debug:
+            raise
+        msg = " ".join(exc.format_message().split())
+        cmd = getattr(getattr(exc, "ctx", None), "command_path", "qsmkit")
+        hint = f" (see '{cmd} --help')" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"error: {msg}{hint}", err=True)
         code = 2
-    except click.Abort:
-        click.echo("aborted", err=True)
-        code = 1
-    except KeyboardInterrupt:
-        click.echo("interrupted; nothing was written", err=True)
-        code = 130
+    except click.Abort as exc:
+        code = _interrupted(exc.__cause__) if isinstance(exc.__cause__, KeyboardInterrupt) else 1
+        if code == 1:
+            click.echo("aborted", err=True)
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = _interrupted(exc)
     except Exception as exc:  # a bug, not a user error: still no traceback unless asked for
+
         if debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"internal error: {type(exc).__name__}: {msg} (rerun with --debug for the traceback and "
                    f"please report it)", err=True)
         code = 1
+    finally:
+        warnings.showwarning = shown
     if argv is None:
         sys.exit(code)
     return code

@@ -30,8 +30,13 @@ class PluginError(QsmkitError):
     """A stage kind or method is unknown, or a plugin failed to load or register."""
 
 
-class InputDataError(QsmkitError):
-    """An input file is missing, unreadable or holds data that cannot be used as it is."""
+class InputDataError(QsmkitError, ValueError):
+    """An input file is missing, unreadable or holds data that cannot be used as it is.
+
+    Also a :class:`ValueError`, so that library users calling the pure array functions of the
+    plugins (which raise it, or :class:`GeometryError` / :class:`UnitsError`, on bad arrays) can
+    catch it as they would catch numpy's or scipy's errors.
+    """
 
 
 class GeometryError(InputDataError):
@@ -46,9 +51,17 @@ class MissingArtifactError(QsmkitError):
     """A stage needs an artifact (e.g. ``magnitude``) that neither inputs nor stages provide."""
 
 
+class UndeclaredArtifactError(MissingArtifactError):
+    """A stage read an artifact that its class does not declare in ``reads`` / ``optional_reads`` (a plugin bug)."""
+
+
 class StageError(QsmkitError):
     """A stage could not produce a valid result from valid-looking input (e.g. empty mask)."""
 
 
 class OutputError(QsmkitError):
     """Outputs cannot be written where asked (e.g. they would overwrite an input)."""
+
+
+class QsmkitWarning(UserWarning):
+    """Something was assumed that the user may want to make explicit (printed as one ``warning:`` line)."""

@@ -1,34 +1,52 @@
-"""Loading and checking a pipeline's ``inputs:`` section (files, echo times, units, simulation).
+"""A pipeline's ``inputs:`` section: checked and completed before planning, loaded before the first stage.
 
-Everything here runs before the first stage, so bad input stops the run with a one-line
-:class:`~qsmkit.errors.QsmkitError` and nothing is written.
+:func:`prepare_inputs` runs at validation time (``qsmkit validate`` and ``qsmkit run`` alike):
+every key is known (else "unknown key, did you mean ..."), every file is a supported file whose
+header fits the file and the machine, magnitude and phase agree in echoes and grid, and the
+acquisition (echo times, field strength) is completed from the pipeline or from the JSON
+sidecars of the phase files, which must agree where both give a value. :func:`load_acquisition`
+then reads the voxel data. So whatever validation accepts does not later fail on its form, and
+bad input stops the run with a one-line :class:`~qsmkit.errors.QsmkitError` before anything is
+written.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, GeometryError, InputDataError, UnitsError
+from .errors import ConfigError, GeometryError, InputDataError, QsmkitWarning, UnitsError
 from .volume import Volume
 
-#: input keys with a meaning of their own; any other key is an artifact given as a file or value
-RESERVED = {"magnitude", "phase", "echo_times", "field_strength", "phase_units", "invert_phase",
-            "b0_direction", "simulate", "orientations"}
+#: acquisition keys of an ``inputs`` section (any other key is an artifact given as a file or value)
+ACQUISITION = {"magnitude", "phase", "echo_times", "field_strength", "phase_units", "invert_phase",
+               "b0_direction", "ignore_sidecars"}
+#: keys with a meaning of their own
+RESERVED = ACQUISITION | {"simulate", "orientations"}
 #: artifacts whose files hold fields in ppm (documented units of inputs given as files)
 UNITS = {"total_field": "ppm", "local_field": "ppm", "chi": "ppm", "unwrapped_phase": "rad",
          "phase": "rad", "noise_weight": "1/ppm", "magnitude": "a.u.", "mask": "bool"}
 MASK_LIKE = {"mask", "csf_mask"}
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".mat")
+#: inputs that must be files: NIfTI images, or HDF5 for k-space
+FILE_KEYS = set(UNITS) | MASK_LIKE | {"kspace"}
 PHASE_UNITS = ("rad", "deg", "scaled")
+_ECHO_RTOL, _ECHO_ATOL = 1e-3, 1e-6
 
 
 def is_nifti_path(value: Any) -> bool:
     return isinstance(value, str) and value.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _is_file_value(value: Any) -> bool:
+    return isinstance(value, str) and value.lower().endswith(NIFTI_SUFFIXES + HDF5_SUFFIXES)
 
 
 def resolve_path(value: str, base: Path) -> Path:
@@ -38,66 +56,336 @@ def resolve_path(value: str, base: Path) -> Path:
 
 def file_inputs(inputs: Mapping[str, Any]) -> dict[str, Path]:
     """``{name: path}`` of every file an ``inputs`` section names (paths already resolved)."""
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, Path):
-            out[key] = value
-    for i, orient in enumerate(inputs.get("orientations") or []):
-        for key, value in orient.items():
+    out: dict[str, Path] = {}
+
+    def add(prefix: str, mapping: Mapping[str, Any]) -> None:
+        for key, value in mapping.items():
             if isinstance(value, Path):
-                out[f"orientations.{i}.{key}"] = value
+                out[prefix + key] = value
+            elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+                out.update({f"{prefix}{key}.{i}": v for i, v in enumerate(value)})
+
+    add("", inputs)
+    for i, orient in enumerate(inputs.get("orientations") or []):
+        add(f"orientations.{i}.", orient)
     return out
 
 
-def _as4d(vol: Volume) -> Volume:
-    if vol.data.ndim == 3:
-        vol.data = vol.data[..., None]
-    return vol
-
-
-def _read_sidecar(path: Path) -> dict:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    side = path.with_name(name + ".json")
-    if not side.exists():
-        return {}
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"{side}: JSON sidecar is not valid JSON ({exc}); fix or remove it") from None
-
-
-def check_echo_times(te: Any, n_echoes: int | None) -> np.ndarray:
+# --------------------------------------------------------------------------- scalar checks
+def check_echo_times(te: Any, n_echoes: int | None, where: str = "inputs.echo_times") -> np.ndarray:
     """Echo times as a float64 array in seconds; errors for ms, non-positive or miscounted values."""
     try:
         arr = np.atleast_1d(np.asarray(te, dtype=np.float64))
     except (TypeError, ValueError):
-        raise ConfigError(f"inputs.echo_times must be a list of numbers in seconds, got {te!r}") from None
+        raise ConfigError(f"{where} must be a list of numbers in seconds, got {te!r}") from None
     if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-        raise ConfigError(f"inputs.echo_times must be a non-empty list of numbers in seconds, got {te!r}")
+        raise ConfigError(f"{where} must be a non-empty list of numbers in seconds, got {te!r}")
     if np.any(arr <= 0):
-        raise UnitsError(f"inputs.echo_times must be positive (seconds), got {arr.tolist()}")
+        raise UnitsError(f"{where} must be positive (seconds), got {arr.tolist()}")
     if np.max(arr) > 1.0:
-        raise UnitsError(f"inputs.echo_times look like milliseconds (largest {np.max(arr):g}); give them in "
+        raise UnitsError(f"{where} look like milliseconds (largest {np.max(arr):g}); give them in "
                          f"seconds, e.g. {np.round(arr / 1000, 6).tolist()}")
     if n_echoes is not None and arr.size != n_echoes:
-        raise InputDataError(f"inputs.echo_times has {arr.size} values but the phase has {n_echoes} echoes; "
+        raise InputDataError(f"{where} has {arr.size} values but the phase has {n_echoes} echoes; "
                              f"give one echo time per echo")
     if arr.size > 1 and np.any(np.diff(arr) <= 0):
-        raise ConfigError(f"inputs.echo_times must increase strictly, got {arr.tolist()}")
+        raise ConfigError(f"{where} must increase strictly, got {arr.tolist()}")
     return arr
 
 
-def check_field_strength(b0: Any) -> float:
+def check_field_strength(b0: Any, where: str = "inputs.field_strength") -> float:
     if isinstance(b0, bool) or not isinstance(b0, (int, float)) or not np.isfinite(b0):
-        raise ConfigError(f"inputs.field_strength must be a number in tesla (e.g. 3.0), got {b0!r}")
+        raise ConfigError(f"{where} must be a number in tesla (e.g. 3.0), got {b0!r}")
     if not 0.05 <= float(b0) <= 21.1:
-        raise UnitsError(f"inputs.field_strength = {b0} T is outside 0.05-21.1 T; give it in tesla (e.g. 3.0)")
+        raise UnitsError(f"{where} = {b0} T is outside 0.05-21.1 T; give it in tesla (e.g. 3.0)")
     return float(b0)
 
 
+def _check_b0_direction(value: Any) -> None:
+    vec = np.asarray(value, dtype=float) if isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) else None
+    if vec is None or vec.shape != (3,) or not np.all(np.isfinite(vec)) or np.linalg.norm(vec) == 0:
+        raise ConfigError(f"inputs.b0_direction must be a non-zero 3-vector in scanner coordinates, got {value!r}")
+
+
+def _check_flag(inputs: Mapping[str, Any], key: str) -> None:
+    if key in inputs and not isinstance(inputs[key], bool):
+        raise ConfigError(f"inputs.{key} must be true or false, got {inputs[key]!r}")
+
+
+# --------------------------------------------------------------------------- sidecars
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of an image: same name with ``.json`` instead of ``.nii``/``.nii.gz``."""
+    name = path.name
+    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return path.with_name(name + ".json")
+
+
+def read_sidecar(path: Path) -> dict:
+    """The JSON sidecar of ``path`` as a dict (``{}`` when there is none)."""
+    side = sidecar_path(path)
+    if not side.exists():
+        return {}
+    try:
+        data = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputDataError(f"{side}: JSON sidecar is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(data, dict):
+        raise InputDataError(f"{side}: JSON sidecar must be an object with keys such as EchoTime; fix or remove it")
+    return data
+
+
+def _sidecar_echo_times(files: list[Path], sides: list[dict]) -> tuple[list[float] | None, str]:
+    """Echo times (s) from the sidecars of a 4D file or of per-echo files; (None, '') when absent."""
+    if not any(sides):
+        return None, ""
+    if len(files) == 1:
+        te = sides[0].get("EchoTimes", sides[0].get("EchoTime"))
+        if te is None:
+            return None, ""
+        return list(np.atleast_1d(np.asarray(te, dtype=float)).tolist()), str(sidecar_path(files[0]))
+    values = []
+    for f, s in zip(files, sides):
+        te = s.get("EchoTime")
+        if te is None or isinstance(te, (list, dict, bool)):
+            raise InputDataError(f"{sidecar_path(f)}: no single EchoTime; every per-echo file needs its EchoTime "
+                                 f"(seconds), or remove the sidecars and give inputs.echo_times")
+        values.append(float(te))
+    return values, f"the sidecars of {files[0].parent}/{files[0].name} ... {files[-1].name}"
+
+
+def _agree(a: Iterable[float], b: Iterable[float]) -> bool:
+    a, b = np.asarray(list(a), float), np.asarray(list(b), float)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=_ECHO_RTOL, atol=_ECHO_ATOL))
+
+
+# --------------------------------------------------------------------------- preparation
+@dataclass
+class PreparedInputs:
+    """Resolved inputs (paths as :class:`Path`, acquisition completed) and what was assumed."""
+
+    values: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_value(key: str, value: Any, where: str, base: Path) -> Any:
+    """A file input as a Path (or a list of Paths for per-echo magnitude/phase); values pass through."""
+    per_echo_ok = key in ("magnitude", "phase")
+    if isinstance(value, list) and per_echo_ok:
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be one NIfTI file or a list of per-echo NIfTI files, got {value!r}")
+        return [_resolve_value(key, v, f"{where}.{i}", base) for i, v in enumerate(value)]
+    if key in FILE_KEYS or _is_file_value(value):
+        if not isinstance(value, str) or not value.strip():
+            form = "a NIfTI file (.nii or .nii.gz)" if key != "kspace" else "an HDF5 file (.h5)"
+            extra = " or a list of per-echo NIfTI files" if per_echo_ok else ""
+            raise ConfigError(f"{where} must be a path to {form}{extra}, got {value!r}")
+        if resolve_path(value, base).is_dir():
+            raise ConfigError(f"{where}: {resolve_path(value, base)} is a folder; give the file itself (per-echo "
+                              f"files as a list)")
+        suffixes = HDF5_SUFFIXES if key == "kspace" else NIFTI_SUFFIXES if key in FILE_KEYS else None
+        if not _is_file_value(value) or (suffixes and not value.lower().endswith(suffixes)):
+            ext = "".join(Path(value).suffixes) or "no extension"
+            want = ".h5 / .hdf5" if key == "kspace" else ".nii or .nii.gz"
+            raise ConfigError(f"{where}: {value!r} has an unsupported file type ({ext}); give a {want} file "
+                              f"(convert other formats first, e.g. mri_convert or dcm2niix)")
+        path = resolve_path(value, base)
+        if not path.exists():
+            raise ConfigError(f"{where}: file not found: {path}; check the path (relative paths resolve against "
+                              f"the pipeline file's folder)")
+        return path
+    return value
+
+
+def _resolve_section(raw: Mapping[str, Any], allowed: list[str], where: str, base_of) -> dict:
+    from .pipeline.spec import check_keys
+
+    check_keys(raw, allowed, where)
+    return {k: _resolve_value(k, v, f"{where}.{k}", base_of(f"{where}.{k}")) for k, v in raw.items()}
+
+
+def _probe_acquisition(acq: dict, where: str, common: Mapping[str, Any], notes: list[str]) -> dict:
+    """Check headers, grids and echoes of one acquisition; complete echo times and field strength."""
+    from .io.nifti import read_header
+
+    infos = {}
+    for key, value in acq.items():
+        files = value if isinstance(value, list) else [value]
+        if not all(isinstance(f, Path) and is_nifti_path(f.name) for f in files):
+            continue
+        heads = [read_header(f, f"{where}.{key}")[0] for f in files]
+        if isinstance(value, list):
+            for i, h in enumerate(heads):
+                if len(h.shape) != 3 and not (len(h.shape) == 4 and h.shape[3] == 1):
+                    raise GeometryError(f"{where}.{key}.{i}: {h.path} has shape {h.shape}; per-echo files must be "
+                                        f"3D (one echo each)")
+                if h.shape[:3] != heads[0].shape[:3] or not np.allclose(h.affine, heads[0].affine, atol=1e-4):
+                    raise GeometryError(f"{where}.{key}.{i}: {h.path} is not on the grid of {heads[0].path}; all "
+                                        f"echoes must share one voxel grid")
+        elif key in MASK_LIKE and len(heads[0].shape) == 4 and heads[0].shape[3] != 1:
+            raise InputDataError(f"{where}.{key}: a mask must be 3D, got shape {heads[0].shape}")
+        n = len(heads) if isinstance(value, list) else (heads[0].shape[3] if len(heads[0].shape) == 4 else 1)
+        infos[key] = (heads, n)
+    ref = next(iter(infos), None)
+    for key, (heads, _) in infos.items():
+        h0, r0 = heads[0], infos[ref][0][0]
+        if h0.shape[:3] != r0.shape[:3]:
+            raise GeometryError(f"{where}: {key} has grid {h0.shape[:3]} but {ref} has {r0.shape[:3]}; all inputs "
+                                f"must be on the same voxel grid (resample them first)")
+        if not np.allclose(h0.affine, r0.affine, atol=1e-4, rtol=0):
+            raise GeometryError(f"{where}: {key} and {ref} have different affines (orientation or position); all "
+                                f"inputs must share one voxel grid")
+    if "magnitude" in infos and "phase" in infos and infos["magnitude"][1] != infos["phase"][1]:
+        raise GeometryError(f"{where}: magnitude has {infos['magnitude'][1]} echo(es) but phase has "
+                            f"{infos['phase'][1]}; give both as 3D (one echo) or both as 4D with the same number "
+                            f"of echoes")
+    if "phase" not in acq:
+        return acq
+    _reorder_echoes(acq, where, common, notes)
+    n_echoes = infos["phase"][1] if "phase" in infos else None
+    files = acq["phase"] if isinstance(acq["phase"], list) else [acq["phase"]]
+    use_sidecars = not common.get("ignore_sidecars", False)
+    sides = [read_sidecar(f) for f in files] if use_sidecars else [{} for _ in files]
+    side_te, side_where = _sidecar_echo_times(files, sides) if use_sidecars else (None, "")
+    te = acq.get("echo_times", common.get("echo_times"))
+    if te is not None:
+        te = check_echo_times(te, n_echoes, f"{where}.echo_times" if "echo_times" in acq else "inputs.echo_times")
+        if side_te is not None and not _agree(te, side_te):
+            raise ConfigError(f"{where}: echo_times {np.round(te, 6).tolist()} s in the pipeline disagree with "
+                              f"EchoTime {np.round(side_te, 6).tolist()} s in {side_where}; remove echo_times to use "
+                              f"the sidecars, or set inputs.ignore_sidecars: true to use the pipeline's")
+        notes.append(f"{where}: echo times {np.round(te, 6).tolist()} s from the pipeline")
+    elif side_te is not None:
+        te = check_echo_times(side_te, n_echoes, f"EchoTime in {side_where}")
+        notes.append(f"{where}: echo times {np.round(te, 6).tolist()} s from {side_where}")
+    else:
+        raise ConfigError(f"{where}: no echo_times; add 'echo_times: [...]' (seconds) under inputs or an "
+                          f"EchoTime in the phase image's JSON sidecar")
+    acq["echo_times"] = [float(t) for t in te]
+    side_b0 = {float(s["MagneticFieldStrength"]) for s in sides if isinstance(s.get("MagneticFieldStrength"),
+                                                                             (int, float))}
+    b0 = acq.get("field_strength", common.get("field_strength"))
+    if len(side_b0) > 1:
+        raise InputDataError(f"{where}: the phase sidecars give different MagneticFieldStrength {sorted(side_b0)}; "
+                             f"fix the sidecars")
+    if b0 is not None:
+        b0 = check_field_strength(b0)
+        if side_b0 and abs(next(iter(side_b0)) - b0) > 1e-3:
+            raise ConfigError(f"{where}: field_strength {b0:g} T in the pipeline disagrees with MagneticFieldStrength "
+                              f"{next(iter(side_b0)):g} T in the phase sidecar {sidecar_path(files[0])}; remove "
+                              f"field_strength to use the sidecar, or set inputs.ignore_sidecars: true")
+        notes.append(f"{where}: field strength {b0:g} T from the pipeline")
+    elif side_b0:
+        b0 = check_field_strength(next(iter(side_b0)), f"MagneticFieldStrength in {sidecar_path(files[0])}")
+        notes.append(f"{where}: field strength {b0:g} T from {sidecar_path(files[0])}")
+    else:
+        raise ConfigError(f"{where}: no field_strength; add 'field_strength: 3.0' (tesla) under inputs or "
+                          f"MagneticFieldStrength in the phase image's JSON sidecar")
+    acq["field_strength"] = b0
+    return acq
+
+
+def _reorder_echoes(acq: dict, where: str, common: Mapping[str, Any], notes: list[str]) -> None:
+    """Per-echo file lists sorted by their sidecars' EchoTime when the list order differs."""
+    phase = acq["phase"]
+    if not isinstance(phase, list) or len(phase) < 2 or common.get("ignore_sidecars", False):
+        return
+    tes = [read_sidecar(f).get("EchoTime") for f in phase]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in tes):
+        return
+    order = sorted(range(len(phase)), key=lambda i: tes[i])
+    if order == list(range(len(phase))):
+        return
+    acq["phase"] = [phase[i] for i in order]
+    mag = acq.get("magnitude")
+    if isinstance(mag, list) and len(mag) == len(phase):
+        acq["magnitude"] = [mag[i] for i in order]
+    notes.append(f"{where}: per-echo files reordered by their sidecars' EchoTime")
+
+
+def prepare_inputs(raw: Any, base: Path, touched: set[str], artifacts: Iterable[str]) -> PreparedInputs:
+    """Check, resolve and complete a pipeline's ``inputs`` mapping (see the module docstring).
+
+    Parameters
+    ----------
+    raw : mapping
+        The ``inputs`` section as read from YAML (with ``--set`` overrides applied).
+    base : Path
+        Folder that relative paths resolve against (the pipeline file's).
+    touched : set of str
+        Dotted keys set with ``--set``; their relative paths resolve against the current folder.
+    artifacts : iterable of str
+        Artifact names any registered stage reads or writes: the keys an ``inputs`` section may
+        give besides the reserved acquisition keys.
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError("pipeline: 'inputs' must be a mapping (files, echo_times, field_strength, or simulate)")
+    allowed = sorted(RESERVED) + sorted(set(artifacts) - RESERVED)
+
+    def base_of(key: str) -> Path:
+        return Path.cwd() if key in touched or any(key.startswith(t + ".") for t in touched) else base
+
+    values = _resolve_section(raw, allowed, "inputs", base_of)
+    for key in ("invert_phase", "ignore_sidecars"):
+        _check_flag(values, key)
+    if "b0_direction" in values:
+        _check_b0_direction(values["b0_direction"])
+    if values.get("phase_units", "rad") not in PHASE_UNITS:
+        raise ConfigError(f"inputs.phase_units = {values['phase_units']!r}; choose one of {', '.join(PHASE_UNITS)}")
+    notes: list[str] = []
+    if "simulate" in values:
+        if not isinstance(values["simulate"], dict):
+            raise ConfigError("inputs.simulate must be a mapping of phantom options (or {} for the defaults)")
+        files = file_inputs(values)
+        if files or "orientations" in values:
+            raise ConfigError("inputs: 'simulate' cannot be combined with input files; use one or the other")
+        simulate_options(values["simulate"])
+        return PreparedInputs(values, notes)
+    if "orientations" in values:
+        orients = values["orientations"]
+        if not isinstance(orients, list) or len(orients) < 2:
+            raise ConfigError("inputs.orientations must be a list of at least two {magnitude, phase} mappings "
+                              "(the first is the reference)")
+        per_allowed = [k for k in allowed if k not in ("orientations", "simulate", "b0_direction", "phase_units",
+                                                        "invert_phase", "ignore_sidecars")]
+        resolved = []
+        for i, o in enumerate(orients):
+            if not isinstance(o, dict):
+                raise ConfigError(f"inputs.orientations.{i} must be a mapping with magnitude and phase")
+            where = f"inputs.orientations.{i}"
+            resolved.append(_probe_acquisition(_resolve_section(o, per_allowed, where, base_of), where, values, notes))
+        keys = [set(o) for o in resolved]
+        if any(k != keys[0] for k in keys):
+            raise ConfigError("inputs.orientations: every orientation must give the same keys "
+                              f"(the first gives {', '.join(sorted(keys[0]))})")
+        ref = resolved[0]
+        for i, o in enumerate(resolved[1:], 1):
+            if "echo_times" in ref and not _agree(o["echo_times"], ref["echo_times"]):
+                raise InputDataError(f"inputs.orientations.{i}: echo times differ from the reference "
+                                     f"orientation's; COSMOS needs the same echo times for every orientation")
+            if "field_strength" in ref and o["field_strength"] != ref["field_strength"]:
+                raise InputDataError(f"inputs.orientations.{i}: field strength differs from the reference "
+                                     f"orientation's")
+        values["orientations"] = resolved
+        for key in ("echo_times", "field_strength"):
+            if key in ref:
+                values[key] = ref[key]
+        return PreparedInputs(values, notes)
+    acq = {k: v for k, v in values.items() if k not in ("phase_units", "invert_phase", "b0_direction",
+                                                       "ignore_sidecars")}
+    values.update(_probe_acquisition(acq, "inputs", values, notes))
+    if "phase" not in values:  # echo times or field strength given alone (e.g. with an unwrapped phase)
+        if "echo_times" in values:
+            values["echo_times"] = check_echo_times(values["echo_times"], None).tolist()
+        if "field_strength" in values:
+            values["field_strength"] = check_field_strength(values["field_strength"])
+    return PreparedInputs(values, notes)
+
+
+# --------------------------------------------------------------------------- loading
 def convert_phase(vol: Volume, units: str, invert: bool) -> Volume:
     """Phase data to radians in [-pi, pi), checking that ``rad`` data really are radians."""
     data = vol.data
@@ -136,27 +424,51 @@ def check_same_grid(vols: Mapping[str, Volume], where: str = "inputs") -> None:
                                 f"all inputs must share one voxel grid")
 
 
+def _as4d(vol: Volume) -> Volume:
+    if vol.data.ndim == 3:
+        vol.data = vol.data[..., None]
+    return vol
+
+
+def _load_echoes(files: list[Path], where: str, units: str, b0_world) -> Volume:
+    """Per-echo 3D files stacked into one 4D volume (geometry and header of the first)."""
+    from .io.nifti import load_nifti
+
+    vols = [load_nifti(f, name=f"{where}.{i}", units=units, b0_world=b0_world) for i, f in enumerate(files)]
+    first = vols[0]
+    data = np.stack([v.data.reshape(v.grid_shape) for v in vols], axis=3)
+    return first.like(data, sources=[str(f) for f in files])
+
+
+def _binarise(vol: Volume, where: str) -> Volume:
+    if vol.data.ndim == 4:
+        vol.data = vol.data[..., 0]
+    values = np.unique(vol.data) if vol.data.size <= 1 << 24 else np.unique(vol.data[::7])
+    if not np.all(np.isin(values, (0.0, 1.0))):
+        warnings.warn(f"{where}: mask values span {values.min():g}..{values.max():g}, not 0/1; voxels > 0.5 are "
+                      f"taken as the mask (give a 0/1 mask to make this explicit)", QsmkitWarning, stacklevel=2)
+    vol.data = vol.data > 0.5
+    if not vol.data.any():
+        raise InputDataError(f"{where}: the mask is empty (no voxel > 0.5)")
+    return vol
+
+
 def load_acquisition(spec: Mapping[str, Any], where: str, b0_world, common: Mapping[str, Any]) -> dict:
-    """Load one acquisition (``magnitude``/``phase``/extra artifact files) into artifacts."""
+    """Load one prepared acquisition (``magnitude``/``phase``/extra artifact files) into artifacts."""
     from .io.nifti import load_nifti
 
     art: dict[str, Any] = {}
     vols: dict[str, Volume] = {}
     for key, value in spec.items():
-        if key in RESERVED - {"magnitude", "phase"}:
+        if key in ("phase_units", "invert_phase", "b0_direction", "ignore_sidecars"):
             continue
-        if isinstance(value, Path):
-            if value.suffix.lower() in (".h5", ".hdf5", ".mat"):
-                art[key] = value
-                continue
+        if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            vols[key] = _load_echoes(value, f"{where}.{key}", UNITS.get(key, ""), b0_world)
+        elif isinstance(value, Path) and is_nifti_path(value.name):
             vol = load_nifti(value, name=f"{where}.{key}", units=UNITS.get(key, ""), b0_world=b0_world)
-            if key in MASK_LIKE:
-                if vol.data.ndim != 3:
-                    raise InputDataError(f"{where}.{key}: a mask must be 3D, got shape {vol.shape}")
-                vol.data = vol.data > 0.5
-                if not vol.data.any():
-                    raise InputDataError(f"{where}.{key}: the mask is empty (no voxel > 0.5)")
-            vols[key] = vol
+            vols[key] = _binarise(vol, f"{where}.{key}") if key in MASK_LIKE else vol
+        elif key == "echo_times":
+            art[key] = np.asarray(value, dtype=np.float64)
         else:
             art[key] = value
     if "phase" in vols:
@@ -164,18 +476,13 @@ def load_acquisition(spec: Mapping[str, Any], where: str, b0_world, common: Mapp
                                       bool(common.get("invert_phase", False)))
     if "magnitude" in vols:
         _as4d(vols["magnitude"])
-    if "magnitude" in vols and "phase" in vols:
-        nm, nph = vols["magnitude"].shape[3], vols["phase"].shape[3]
-        if nm != nph:
-            raise GeometryError(f"{where}: magnitude has {nm} echo(es) but phase has {nph}; give both as 3D "
-                                f"(one echo) or both as 4D with the same number of echoes")
     check_same_grid(vols, where)
     art.update(vols)
     return art
 
 
-def simulate_inputs(options: Mapping[str, Any]) -> tuple[dict, list[dict] | None]:
-    """Run the built-in phantom for ``inputs.simulate``; returns (artifacts, per-orientation artifacts)."""
+def simulate_options(options: Mapping[str, Any]) -> tuple[Any, Any, dict]:
+    """Check ``inputs.simulate``; returns (simulator function, orientations or None, keyword options)."""
     from . import simulate
 
     opts = dict(options or {})
@@ -185,13 +492,21 @@ def simulate_inputs(options: Mapping[str, Any]) -> tuple[dict, list[dict] | None
              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     unknown = sorted(set(opts) - set(valid))
     if unknown:
-        raise ConfigError(f"inputs.simulate: unknown option {', '.join(map(repr, unknown))}; valid options: "
-                          f"{', '.join(valid + ['orientations'])}")
+        from .pipeline.spec import did_you_mean
+
+        raise ConfigError(f"inputs.simulate: unknown option {unknown[0]!r}{did_you_mean(unknown[0], valid)}; valid "
+                          f"options: {', '.join(valid + ['orientations'])}")
     for key in ("shape", "voxel_size", "echo_times", "b0_direction", "rotation_deg"):
         if key in opts and not isinstance(opts[key], (list, tuple)):
             raise ConfigError(f"inputs.simulate.{key} must be a list, got {opts[key]!r}")
     if "echo_times" in opts:
         opts["echo_times"] = tuple(check_echo_times(opts["echo_times"], None))
+    return fn, rotations, opts
+
+
+def simulate_inputs(options: Mapping[str, Any]) -> tuple[dict, list[dict] | None]:
+    """Run the built-in phantom for ``inputs.simulate``; returns (artifacts, per-orientation artifacts)."""
+    fn, rotations, opts = simulate_options(options)
     try:
         result = fn(rotations, **opts) if rotations is not None else fn(**opts)
     except (TypeError, ValueError) as exc:

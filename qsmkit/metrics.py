@@ -1,7 +1,14 @@
-"""Image-quality metrics for susceptibility maps (and any other real images).
+"""Image-quality metrics: the one metrics module of qsmkit (QSM maps and k-space reconstructions).
+
+**Argument order: ``(truth, estimate)``** -- the reference first, then the image being judged,
+as fastMRI's ``(gt, pred)`` -- in every function here and in its thin fastMRI wrappers
+(:mod:`qsmkit_kspace.metrics`). Ranges (PSNR, SSIM) default to the truth's.
 
 All functions take numpy arrays or :class:`qsmkit.volume.Volume` objects of equal shape, and an
-optional boolean ``mask`` restricting the evaluation. Computations are in float64.
+optional boolean ``mask`` restricting the evaluation. Computations are in float64, except with
+``precision="input"`` (:func:`nmse`, :func:`psnr`, :func:`ssim`), which keeps the inputs' float
+type as scikit-image and fastMRI's ``evaluate.py`` do (float32 images stay float32), so that
+the k-space numbers agree with fastMRI's to the last bit.
 
 * :func:`rmse`, :func:`nrmse` (percent, ``100 * ||e - t|| / ||t||``), :func:`psnr`,
   :func:`pearson`: over the mask voxels.
@@ -16,7 +23,7 @@ optional boolean ``mask`` restricting the evaluation. Computations are in float6
   ``K1 = 0.01``, ``K2 = 0.001``, a Gaussian window (sigma 1.5 voxels, 7^3 voxels: MATLAB
   ``imgaussfilt3(x, 1.5, 'FilterSize', 7)`` with replicate padding), population (biased)
   variances, averaged over the mask.
-* :func:`evaluate`: all of the above after demeaning estimate and truth over the mask (and
+* :func:`evaluate`: all of the above after demeaning truth and estimate over the mask (and
   zeroing them outside it), plus ROI means when a label map is given.
 """
 
@@ -37,9 +44,10 @@ def _arr(x: Any) -> np.ndarray:
     return np.asarray(getattr(x, "data", x))
 
 
-def _pair(est: Any, truth: Any, mask: Any = None):
-    e = _arr(est).astype(np.float64)
+def _pair(truth: Any, estimate: Any, mask: Any = None):
+    """``(truth, estimate, mask)`` as float64 arrays (mask bool or None), shapes checked."""
     t = _arr(truth).astype(np.float64)
+    e = _arr(estimate).astype(np.float64)
     if e.shape != t.shape:
         raise GeometryError(f"metrics: estimate shape {e.shape} differs from truth shape {t.shape}; resample one onto the other's grid")
     m = None
@@ -49,7 +57,24 @@ def _pair(est: Any, truth: Any, mask: Any = None):
             raise GeometryError(f"metrics: mask shape {m.shape} differs from image shape {t.shape}")
         if not m.any():
             raise InputDataError("metrics: the mask is empty; give a mask with at least one voxel")
-    return e, t, m
+    return t, e, m
+
+
+def _input_float_type(*arrays: np.ndarray):
+    """scikit-image's float type for ``precision="input"``: float16/float32 -> float32, else float64."""
+    dt = np.result_type(*[a.dtype for a in arrays])
+    if dt.kind == "f" and dt.itemsize <= 2:
+        return np.float32
+    if dt == np.float32:
+        return np.float32
+    if dt.kind == "c":
+        raise GeometryError("metrics take magnitude (real) images; take np.abs() first")
+    return np.float64
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in ("float64", "input"):
+        raise InputDataError(f"metrics: precision must be 'float64' or 'input', got {precision!r}")
 
 
 def _sel(x: np.ndarray, m: np.ndarray | None) -> np.ndarray:
@@ -62,16 +87,16 @@ def _data_range(t: np.ndarray, m: np.ndarray | None) -> float:
 
 
 # --------------------------------------------------------------------------- pointwise metrics
-def rmse(est, truth, mask=None) -> float:
+def rmse(truth, estimate, mask=None) -> float:
     """Root-mean-square error (units of the images) over ``mask`` (all voxels if None)."""
-    e, t, m = _pair(est, truth, mask)
+    t, e, m = _pair(truth, estimate, mask)
     d = _sel(e, m) - _sel(t, m)
     return float(np.sqrt(np.mean(d * d)))
 
 
-def nrmse(est, truth, mask=None) -> float:
-    """Normalised RMSE in percent: ``100 * ||est - truth|| / ||truth||`` over ``mask``."""
-    e, t, m = _pair(est, truth, mask)
+def nrmse(truth, estimate, mask=None) -> float:
+    """Normalised RMSE in percent: ``100 * ||estimate - truth|| / ||truth||`` over ``mask``."""
+    t, e, m = _pair(truth, estimate, mask)
     tv = _sel(t, m)
     den = float(np.linalg.norm(tv))
     num = float(np.linalg.norm(_sel(e, m) - tv))
@@ -80,15 +105,44 @@ def nrmse(est, truth, mask=None) -> float:
     return 100.0 * num / den
 
 
-def nmse(est, truth, mask=None) -> float:
-    """Normalised MSE (fastMRI convention): ``||est - truth||^2 / ||truth||^2`` over ``mask``."""
-    return (nrmse(est, truth, mask) / 100.0) ** 2
+def nmse(truth, estimate, mask=None, precision: str = "float64") -> float:
+    """Normalised MSE (fastMRI convention): ``||truth - estimate||^2 / ||truth||^2`` over ``mask``.
+
+    ``precision="input"``: computed in the inputs' own dtype, exactly as fastMRI's
+    ``evaluate.nmse(gt, pred)`` (no mask then).
+    """
+    _check_precision(precision)
+    if precision == "input":
+        if mask is not None:
+            raise InputDataError("nmse: precision='input' (the fastMRI arithmetic) takes no mask")
+        gt, pred = _arr(truth), _arr(estimate)
+        if gt.shape != pred.shape:
+            raise GeometryError(f"nmse: truth shape {gt.shape} differs from estimate shape {pred.shape}")
+        return float(np.array(np.linalg.norm(gt - pred) ** 2 / np.linalg.norm(gt) ** 2))
+    return (nrmse(truth, estimate, mask) / 100.0) ** 2
 
 
-def psnr(est, truth, mask=None, data_range: float | None = None) -> float:
+def psnr(truth, estimate, mask=None, data_range: float | None = None, precision: str = "float64") -> float:
     """Peak SNR in dB: ``10 log10(data_range^2 / MSE)``; ``data_range`` defaults to the truth's
-    max - min over the mask (as :func:`skimage.metrics.peak_signal_noise_ratio` over the volume)."""
-    e, t, m = _pair(est, truth, mask)
+    max - min over the mask (as :func:`skimage.metrics.peak_signal_noise_ratio` over the volume).
+
+    ``precision="input"``: the difference is taken in the inputs' float type (as scikit-image;
+    fastMRI's ``evaluate.psnr`` is ``psnr(gt, pred, data_range=gt.max(), precision="input")``).
+    """
+    _check_precision(precision)
+    if precision == "input":
+        t, e = _arr(truth), _arr(estimate)
+        if t.shape != e.shape:
+            raise GeometryError(f"psnr: truth shape {t.shape} differs from estimate shape {e.shape}")
+        ft = _input_float_type(t, e)
+        t, e = np.asarray(t, dtype=ft), np.asarray(e, dtype=ft)
+        if mask is not None:
+            sel = _arr(mask).astype(bool)
+            t, e = t[sel], e[sel]
+        dr = float(t.max() - t.min()) if data_range is None else float(data_range)
+        err = np.mean((t - e) ** 2, dtype=np.float64)
+        return float(10 * np.log10((dr ** 2) / err))
+    t, e, m = _pair(truth, estimate, mask)
     dr = _data_range(t, m) if data_range is None else float(data_range)
     d = _sel(e, m) - _sel(t, m)
     mse = float(np.mean(d * d))
@@ -97,9 +151,9 @@ def psnr(est, truth, mask=None, data_range: float | None = None) -> float:
     return 10.0 * math.log10(dr * dr / mse)
 
 
-def pearson(est, truth, mask=None) -> float:
+def pearson(truth, estimate, mask=None) -> float:
     """Pearson correlation coefficient over ``mask`` (nan when either image is constant there)."""
-    e, t, m = _pair(est, truth, mask)
+    t, e, m = _pair(truth, estimate, mask)
     a = _sel(e, m)
     b = _sel(t, m)
     a = a - a.mean()
@@ -108,17 +162,17 @@ def pearson(est, truth, mask=None) -> float:
     return float(a @ b) / den if den > 0 else math.nan
 
 
-def hfen(est, truth, mask=None, sigma: float = 1.5, kernel_size: int = 15) -> float:
+def hfen(truth, estimate, mask=None, sigma: float = 1.5, kernel_size: int = 15) -> float:
     """High-frequency error norm in percent.
 
-    ``100 * ||LoG(est) - LoG(truth)|| / ||LoG(truth)||`` with a Laplacian-of-Gaussian of
+    ``100 * ||LoG(estimate) - LoG(truth)|| / ||LoG(truth)||`` with a Laplacian-of-Gaussian of
     ``sigma`` voxels truncated to ``kernel_size`` voxels per axis (15 = the 2016 QSM challenge's
     ``fspecial3('log', 15, 1.5)`` support), symmetric (mirror) boundaries. With a mask, both images
     are zeroed outside it before filtering and the norms are taken over the mask.
     """
     from scipy.ndimage import gaussian_laplace
 
-    e, t, m = _pair(est, truth, mask)
+    t, e, m = _pair(truth, estimate, mask)
     if m is not None:
         e = np.where(m, e, 0.0)
         t = np.where(m, t, 0.0)
@@ -150,16 +204,17 @@ def _ssim_map(x: np.ndarray, y: np.ndarray, filt, c1: float, c2: float, cov_norm
     return (a1 * a2) / (b1 * b2)
 
 
-def ssim(est, truth, mask=None, data_range: float | None = None, win_size: int | None = None,
+def ssim(truth, estimate, mask=None, data_range: float | None = None, win_size: int | None = None,
          gaussian_weights: bool = False, sigma: float = 1.5, K1: float = 0.01, K2: float = 0.03,
-         use_sample_covariance: bool = True, full: bool = False):
-    """Structural similarity (Wang et al. 2004), scikit-image compatible.
+         use_sample_covariance: bool = True, full: bool = False, precision: str = "float64"):
+    """Structural similarity (Wang et al. 2004), scikit-image compatible: the one SSIM of qsmkit.
 
-    With the same arguments, equals :func:`skimage.metrics.structural_similarity(est, truth,
+    With the same arguments, equals :func:`skimage.metrics.structural_similarity(truth, estimate,
     data_range=..., win_size=..., gaussian_weights=..., sigma=..., K1=..., K2=...,
     use_sample_covariance=...)` when ``mask`` is None (the SSIM map is averaged after cropping
-    ``(win_size - 1) // 2`` voxels at each border). With a mask, the same SSIM map is averaged
-    over the mask voxels instead.
+    ``(win_size - 1) // 2`` voxels at each border; SSIM is symmetric in its two images). With a
+    mask, the same SSIM map is averaged over the mask voxels instead. Any number of dimensions
+    (fastMRI's per-slice SSIM calls it on each 2D slice).
 
     Parameters
     ----------
@@ -169,10 +224,22 @@ def ssim(est, truth, mask=None, data_range: float | None = None, win_size: int |
         Window side (odd); default 7, or ``2*int(3.5*sigma + 0.5) + 1`` with Gaussian weights.
     full : bool
         Also return the SSIM map.
+    precision : {"float64", "input"}
+        ``input`` keeps float32 images in float32 and ``data_range`` as given, as scikit-image
+        does (fastMRI's evaluation); default float64.
     """
     from scipy.ndimage import gaussian_filter, uniform_filter
 
-    e, t, m = _pair(est, truth, mask)
+    _check_precision(precision)
+    if precision == "input":
+        t, e = _arr(truth), _arr(estimate)
+        if t.shape != e.shape:
+            raise GeometryError(f"ssim: truth shape {t.shape} differs from estimate shape {e.shape}")
+        ft = _input_float_type(t, e)
+        t, e = t.astype(ft, copy=False), e.astype(ft, copy=False)
+        m = None if mask is None else _pair(truth, estimate, mask)[2]
+    else:
+        t, e, m = _pair(truth, estimate, mask)
     truncate = 3.5
     if win_size is None:
         win_size = 2 * int(truncate * sigma + 0.5) + 1 if gaussian_weights else 7
@@ -181,7 +248,10 @@ def ssim(est, truth, mask=None, data_range: float | None = None, win_size: int |
         raise InputDataError(f"ssim: win_size must be an odd integer >= 3, got {win_size}")
     if any(s < win_size for s in t.shape):
         raise InputDataError(f"ssim: image shape {t.shape} is smaller than the {win_size}-voxel window; use a smaller win_size")
-    dr = _data_range(t, m) if data_range is None else float(data_range)
+    if data_range is None:
+        dr = _data_range(t, m)
+    else:
+        dr = data_range if precision == "input" else float(data_range)
     if gaussian_weights:
         def filt(a):
             return gaussian_filter(a, sigma=sigma, truncate=truncate, mode="reflect")
@@ -190,7 +260,7 @@ def ssim(est, truth, mask=None, data_range: float | None = None, win_size: int |
             return uniform_filter(a, size=win_size, mode="reflect")
     npix = win_size ** t.ndim
     cov_norm = npix / (npix - 1.0) if use_sample_covariance else 1.0
-    smap = _ssim_map(e, t, filt, (K1 * dr) ** 2, (K2 * dr) ** 2, cov_norm)
+    smap = _ssim_map(t, e, filt, (K1 * dr) ** 2, (K2 * dr) ** 2, cov_norm)
     if m is None:
         pad = (win_size - 1) // 2
         val = float(smap[tuple(slice(pad, s - pad) for s in smap.shape)].mean(dtype=np.float64))
@@ -199,7 +269,7 @@ def ssim(est, truth, mask=None, data_range: float | None = None, win_size: int |
     return (val, smap) if full else val
 
 
-def xsim(est, truth, mask=None, full: bool = False):
+def xsim(truth, estimate, mask=None, full: bool = False):
     """QSM challenge 2.0 XSIM (see the module docstring): SSIM in native ppm with ``L = 1``,
     ``K1 = 0.01``, ``K2 = 0.001``, Gaussian window sigma 1.5 / 7^3 voxels with replicate padding,
     biased variances, averaged over ``mask`` (default: voxels where ``truth != 0``).
@@ -209,7 +279,7 @@ def xsim(est, truth, mask=None, full: bool = False):
     """
     from scipy.ndimage import gaussian_filter
 
-    e, t, m = _pair(est, truth, mask)
+    t, e, m = _pair(truth, estimate, mask)
     if m is None:
         m = t != 0
         if not m.any():
@@ -220,7 +290,7 @@ def xsim(est, truth, mask=None, full: bool = False):
     def filt(a):   # FilterSize 7 = 2*3 + 1 -> radius int(truncate*1.5 + 0.5) = 3
         return gaussian_filter(a, sigma=1.5, truncate=2.0, mode="nearest")
 
-    smap = _ssim_map(e, t, filt, (0.01 * 1.0) ** 2, (0.001 * 1.0) ** 2, 1.0)
+    smap = _ssim_map(t, e, filt, (0.01 * 1.0) ** 2, (0.001 * 1.0) ** 2, 1.0)
     val = float(smap[m].mean())
     return (val, smap) if full else val
 
@@ -256,9 +326,9 @@ def roi_means(chi, labels, names: Mapping[int, str] | None = None, mask=None) ->
     return out
 
 
-def evaluate(estimate, truth, mask, labels=None, label_names: Mapping[int, str] | None = None,
+def evaluate(truth, estimate, mask, labels=None, label_names: Mapping[int, str] | None = None,
              demean: bool = True) -> dict:
-    """All metrics of ``estimate`` against ``truth`` inside ``mask``.
+    """All metrics of ``estimate`` against ``truth`` inside ``mask`` (argument order: truth first).
 
     Both maps are demeaned over the mask first (when ``demean``; susceptibility is only defined up
     to a reference) and set to zero outside it. SSIM uses scikit-image's defaults (7^3 uniform
@@ -273,7 +343,7 @@ def evaluate(estimate, truth, mask, labels=None, label_names: Mapping[int, str] 
         ``psnr`` (dB), ``pearson``, ``n_voxels``, ``demeaned_over_mask``, optional ``roi_means``
         ``{"estimate": {...}, "truth": {...}, "error": {...}}``.
     """
-    e, t, m = _pair(estimate, truth, mask)
+    t, e, m = _pair(truth, estimate, mask)
     if m is None:
         raise InputDataError("evaluate: a mask is required")
     if demean:
@@ -282,13 +352,13 @@ def evaluate(estimate, truth, mask, labels=None, label_names: Mapping[int, str] 
     e = np.where(m, e, 0.0)
     t = np.where(m, t, 0.0)
     out: dict[str, Any] = {
-        "rmse": rmse(e, t, m),
-        "nrmse": nrmse(e, t, m),
-        "hfen": hfen(e, t, m),
-        "ssim": ssim(e, t, m) if min(t.shape) >= 7 else math.nan,
-        "xsim": xsim(e, t, m) if min(t.shape) >= 7 else math.nan,
-        "psnr": psnr(e, t, m),
-        "pearson": pearson(e, t, m),
+        "rmse": rmse(t, e, m),
+        "nrmse": nrmse(t, e, m),
+        "hfen": hfen(t, e, m),
+        "ssim": ssim(t, e, m) if min(t.shape) >= 7 else math.nan,
+        "xsim": xsim(t, e, m) if min(t.shape) >= 7 else math.nan,
+        "psnr": psnr(t, e, m),
+        "pearson": pearson(t, e, m),
         "n_voxels": int(m.sum()),
         "demeaned_over_mask": bool(demean),
         "units": {"rmse": "same as maps (ppm for chi)", "nrmse": "%", "hfen": "%", "psnr": "dB"},

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from . import fft as _fft
+from .errors import InputDataError
 
 #: gyromagnetic ratio of 1H over 2*pi, Hz/T
 GAMMA_BAR = 42.577478e6
@@ -69,7 +70,7 @@ def b0_direction_from_affine(affine: np.ndarray, b0_world: Sequence[float] = (0.
     b = rot.T @ np.asarray(b0_world, dtype=np.float64)
     n = np.linalg.norm(b)
     if not np.isfinite(n) or n == 0:
-        raise ValueError("B0 direction must be a non-zero finite 3-vector")
+        raise InputDataError("B0 direction must be a non-zero finite 3-vector")
     return b / n
 
 
@@ -153,17 +154,20 @@ def sphere_mask(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: fl
 
 
 def smv_kernel(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float,
-               rfft: bool = False) -> np.ndarray:
+               rfft: bool = False, return_count: bool = False):
     """FFT of the normalised spherical mean value (SMV) kernel of ``radius_mm``, float32, unshifted.
 
     The kernel is a ball of radius ``radius_mm`` (mm) in image space with unit sum, centred at the
     FFT origin; its FFT is real. ``S * f = real(ifftn(smv_kernel * fftn(f)))``; with ``rfft`` the
-    half spectrum for ``irfftn(S * rfftn(f), shape)``.
+    half spectrum for ``irfftn(S * rfftn(f), shape)``. With ``return_count`` also returns the
+    number of voxels in the ball. Applied as an operator by :class:`qsmkit.operators.SMV`.
     """
     ball = sphere_mask(shape, voxel_size, radius_mm).astype(np.float32)
-    ball /= ball.sum()
+    n_ball = float(ball.sum())
+    ball /= np.float32(n_ball)
     spec = _fft.rfftn(ball) if rfft else _fft.fftn(ball)
-    return np.ascontiguousarray(spec.real.astype(np.float32))
+    spec = np.ascontiguousarray(spec.real.astype(np.float32))
+    return (spec, int(n_ball)) if return_count else spec
 
 
 def dipole_convolve(chi: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequence[float],
@@ -171,9 +175,8 @@ def dipole_convolve(chi: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequen
     """Field in ppm of a susceptibility map ``chi`` (ppm), by FFT on a zero-padded grid.
 
     ``padding`` is the minimum factor by which each axis is enlarged (even sizes); 1 means none.
+    A shortcut for :class:`qsmkit.operators.Dipole` ``(chi.shape, voxel_size, b0_dir, padding)(chi)``.
     """
-    shape = _fft.padded_shape(chi.shape, padding)
-    d = dipole_kernel(shape, voxel_size, b0_dir, rfft=True)
-    x = _fft.pad_center(np.asarray(chi, dtype=np.float32), shape)
-    f = _fft.irfftn(d * _fft.rfftn(x), shape).astype(np.float32)
-    return np.ascontiguousarray(_fft.crop_center(f, chi.shape))
+    from .operators import Dipole
+
+    return Dipole(np.shape(chi), voxel_size, b0_dir, padding=padding).apply(chi)

@@ -3,6 +3,7 @@
 Built-in plugins (``plugins/qsmkit_*``) are registered through the same entry-point group as
 third-party packages. A plugin whose import or registration fails is recorded as a
 :class:`~qsmkit.registry.PluginFailure` (shown by ``qsmkit plugins``) and does not stop the others.
+:func:`load_registry` calls the stage hooks; :func:`qsmkit.commands.load_commands` the command hooks.
 
 Environment variables
 ---------------------

@@ -46,7 +46,8 @@ import numpy as np
 
 from . import fft as _fft
 from .errors import ParameterError
-from .physics import GAMMA_BAR, b0_direction_from_affine, dipole_kernel, voxel_sizes
+from .operators import Dipole
+from .physics import GAMMA_BAR, b0_direction_from_affine, voxel_sizes
 from .volume import Volume
 
 __all__ = ["LABELS", "TISSUES", "BRAIN_LABELS", "CHI_AIR", "Phantom", "simulate_phantom",
@@ -248,6 +249,9 @@ class _Head:
         Points inside the brain mask carry the extra bit ``_MASK_BIT`` (128): the mask is the
         brain ellipsoid dilated by ``_MASK_MARGIN``, i.e. brain, ventricles, sulci and the inner
         half of the subarachnoid CSF, so that its border lies in CSF about 1 mm from the skull.
+        Built in layers, each step overwriting the previous one where it applies: scalp, skull,
+        sinuses and CSF cavity; brain tissue (cortex, white matter, sulci, fissure); deep grey
+        matter; veins; the mask bit.
         """
         lab = np.zeros(x.shape, np.uint8)
         r2 = x * x + y * y + z * z
@@ -257,9 +261,19 @@ class _Head:
             return lab
         x, y, z = x[head], y[head], z[head]
         sub = np.full(head.shape, _ID["scalp"], np.uint8)
-        bx = (x - _BRAIN_C[0]) / _BRAIN_S[0]
-        by = (y - _BRAIN_C[1]) / _BRAIN_S[1]
-        bz = (z - _BRAIN_C[2]) / _BRAIN_S[2]
+        cav = self._skull_sinuses_csf(x, y, z, sub)
+        self._brain_tissue(x, y, z, sub)
+        self._deep_structures(x, y, z, sub)
+        self._veins(x, y, z, sub, cav)
+        inmask = np.nonzero(cav)[0]
+        inmask = inmask[_ellipsoid(x[inmask], y[inmask], z[inmask], _BRAIN_C, _BRAIN_S + _MASK_MARGIN)]
+        sub[inmask] |= _MASK_BIT
+        lab[head] = sub
+        return lab
+
+    @staticmethod
+    def _skull_sinuses_csf(x, y, z, sub: np.ndarray) -> np.ndarray:
+        """Skull, air sinuses and the CSF-filled cavity into ``sub``; returns the cavity (bool)."""
         # cavity: brain ellipsoid dilated by the CSF gap; skull: dilated further by the bone
         cav = _ellipsoid(x, y, z, _BRAIN_C, _BRAIN_S + _CSF_GAP)
         bone = _ellipsoid(x, y, z, _BRAIN_C, _BRAIN_S + _CSF_GAP + _BONE) & ~cav
@@ -274,30 +288,41 @@ class _Head:
                 sl[_ellipsoid(xs, ys, zs, c, s)] = _ID["air_sinus"]
             sub[cand] = sl
         sub[cav] = _ID["csf"]
+        return cav
+
+    def _brain_tissue(self, x, y, z, sub: np.ndarray) -> None:
+        """White matter, the folded cortex with its sulci and the interhemispheric fissure into ``sub``."""
+        bx = (x - _BRAIN_C[0]) / _BRAIN_S[0]
+        by = (y - _BRAIN_C[1]) / _BRAIN_S[1]
+        bz = (z - _BRAIN_C[2]) / _BRAIN_S[2]
         rho = np.sqrt(bx * bx + by * by + bz * bz)
         brain = np.nonzero(rho <= 1.0)[0]
-        if brain.size:
-            bl = np.full(brain.shape, _ID["white_matter"], np.uint8)
-            # depth below the brain hull, in units of the mean brain radius
-            depth = 1.0 - rho[brain]
-            a = self.anat
-            shell = np.nonzero(depth < a.sulcus_depth + a.gm_thickness)[0]
-            if shell.size:
-                idx = brain[shell]
-                d_sulc = self._sulcus_distance(x[idx], y[idx], z[idx])
-                ds = depth[shell]
-                below = np.maximum(ds - np.float32(a.sulcus_depth), np.float32(0.0))
-                d_sulc = np.sqrt(d_sulc * d_sulc + below * below) - np.float32(a.sulcus_halfwidth)
-                d_csf = np.minimum(ds, d_sulc)
-                sl = np.where(d_csf < a.gm_thickness, np.uint8(_ID["grey_matter"]), np.uint8(_ID["white_matter"]))
-                sl[d_csf < 0] = _ID["csf"]
-                bl[shell] = sl
-            # interhemispheric fissure above the corpus callosum
-            xb, zb = x[brain], z[brain]
-            fiss_w = 0.7 / self.S[0] * max(1.0, 0.012 * self.s_mean)
-            bl[(np.abs(xb) < fiss_w) & (zb > _BRAIN_C[2] + 0.30)] = _ID["csf"]
-            sub[brain] = bl
-        # deep structures, evaluated on the points in their bounding box only
+        if not brain.size:
+            return
+        bl = np.full(brain.shape, _ID["white_matter"], np.uint8)
+        # depth below the brain hull, in units of the mean brain radius
+        depth = 1.0 - rho[brain]
+        a = self.anat
+        shell = np.nonzero(depth < a.sulcus_depth + a.gm_thickness)[0]
+        if shell.size:
+            idx = brain[shell]
+            d_sulc = self._sulcus_distance(x[idx], y[idx], z[idx])
+            ds = depth[shell]
+            below = np.maximum(ds - np.float32(a.sulcus_depth), np.float32(0.0))
+            d_sulc = np.sqrt(d_sulc * d_sulc + below * below) - np.float32(a.sulcus_halfwidth)
+            d_csf = np.minimum(ds, d_sulc)
+            sl = np.where(d_csf < a.gm_thickness, np.uint8(_ID["grey_matter"]), np.uint8(_ID["white_matter"]))
+            sl[d_csf < 0] = _ID["csf"]
+            bl[shell] = sl
+        # interhemispheric fissure above the corpus callosum
+        xb, zb = x[brain], z[brain]
+        fiss_w = 0.7 / self.S[0] * max(1.0, 0.012 * self.s_mean)
+        bl[(np.abs(xb) < fiss_w) & (zb > _BRAIN_C[2] + 0.30)] = _ID["csf"]
+        sub[brain] = bl
+
+    @staticmethod
+    def _deep_structures(x, y, z, sub: np.ndarray) -> None:
+        """Deep grey matter and ventricles into ``sub``, evaluated on the points in their bounding box only."""
         lo, hi = _DEEP_BOX
         box = np.nonzero((x > lo[0]) & (x < hi[0]) & (y > lo[1]) & (y < hi[1]) & (z > lo[2]) & (z < hi[2]))[0]
         if box.size:
@@ -306,7 +331,9 @@ class _Head:
             for label, c, s in _DEEP:
                 dl[_ellipsoid(xs, ys, zs, c, s)] = label
             sub[box] = dl
-        # veins inside the cavity (bounding-box prefilter, one axis at a time)
+
+    def _veins(self, x, y, z, sub: np.ndarray, cav: np.ndarray) -> None:
+        """Veins (tubes along polylines) inside the cavity into ``sub`` (bounding-box prefilter, one axis at a time)."""
         cav_idx = np.nonzero(cav)[0]
         cx, cy, cz = x[cav_idx], y[cav_idx], z[cav_idx]
         for _chi, r_mm, p_mm, vlo, vhi in self.veins:
@@ -321,11 +348,6 @@ class _Head:
             for a, b in zip(p_mm[:-1], p_mm[1:]):
                 np.minimum(d2, _seg_dist2(px, py, pz, a, b), out=d2)
             sub[cav_idx[vb[d2 <= r_mm * r_mm]]] = _ID["vein"]
-        inmask = np.nonzero(cav)[0]
-        inmask = inmask[_ellipsoid(x[inmask], y[inmask], z[inmask], _BRAIN_C, _BRAIN_S + _MASK_MARGIN)]
-        sub[inmask] |= _MASK_BIT
-        lab[head] = sub
-        return lab
 
     def _sulcus_distance(self, x, y, z) -> np.ndarray:
         """Approximate distance (brain-radius units) to the nearest sulcal sheet.
@@ -363,6 +385,11 @@ class _Head:
 
 
 # ============================================================================ phantom
+#: the files :meth:`Phantom.write` writes
+PHANTOM_FILES = {f"{n}.nii.gz" for n in ("magnitude", "phase", "chi", "local_field", "total_field", "mask",
+                                         "labels")} | {"phantom.json"}
+
+
 @dataclass
 class Phantom:
     """A simulated multi-echo GRE acquisition with its ground truth.
@@ -467,20 +494,9 @@ def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
     return y
 
 
-def _field_from_chi(chi_fine: np.ndarray, pshape, D_half: np.ndarray) -> np.ndarray:
-    """Field (ppm, float32) of ``chi_fine`` on a zero-padded grid with a half-spectrum kernel."""
-    import scipy.fft as sfft
-
-    buf = _fft.pad_center(chi_fine, pshape)
-    if buf is chi_fine:
-        buf = chi_fine.copy()
-    F = sfft.rfftn(buf, workers=-1, overwrite_x=True)
-    del buf
-    F *= D_half
-    f = sfft.irfftn(F, s=pshape, workers=-1, overwrite_x=True)
-    del F
-    out = np.ascontiguousarray(_fft.crop_center(f, chi_fine.shape), dtype=np.float32)
-    return out
+def _field_from_chi(chi_fine: np.ndarray, dipole: Dipole) -> np.ndarray:
+    """Field (ppm, float32) of ``chi_fine`` (ppm) by the core dipole convolution (zero-padded, half spectrum)."""
+    return dipole.apply(chi_fine)
 
 
 def _check_params(shape, voxel_size, echo_times, field_strength, oversample, padding, snr) -> None:
@@ -513,6 +529,232 @@ def _head_semi_axes(shape, affine, fov_fraction) -> np.ndarray:
     for w in range(3):
         out[w] = half[int(np.argmax(np.abs(R[w])))]
     return fov_fraction * out
+
+
+# ============================================================================ main: named steps
+@dataclass
+class _Acquisition:
+    """Validated geometry of one simulated acquisition (see :func:`simulate_phantom`)."""
+
+    shape: tuple
+    A: np.ndarray            # voxel -> world affine (mm)
+    vs: np.ndarray           # voxel size (mm)
+    te: np.ndarray           # echo times (s)
+    os_: int                 # oversampling factor per axis
+    snr: float | None
+    b0w: np.ndarray          # unit B0 direction, world frame
+    b_vox: np.ndarray        # unit B0 direction, voxel frame
+    R: np.ndarray            # head rotation (world frame)
+    center: np.ndarray       # rotation centre (world, mm)
+    S: np.ndarray            # head semi-axes (mm)
+
+
+def _grid(shape, voxel_size, affine) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """``(shape, affine, voxel size)``: the given affine (checked) or a centred diagonal one."""
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ParameterError(f"simulate: shape must be 3 integers, got {shape!r}") from None
+    if affine is not None:
+        A = np.asarray(affine, np.float64)
+        if A.shape != (4, 4) or not np.all(np.isfinite(A)) or abs(np.linalg.det(A[:3, :3])) < 1e-9:
+            raise ParameterError("simulate: affine must be a finite, invertible 4x4 voxel-to-world matrix")
+        vs = voxel_sizes(A)
+    else:
+        vs = np.asarray(voxel_size, np.float64)
+        if len(vs) != 3:
+            raise ParameterError(f"simulate: voxel_size must be 3 values in mm, got {tuple(voxel_size)}")
+        A = np.diag(np.r_[vs, 1.0])
+        A[:3, 3] = -vs * (np.asarray(shape) - 1) / 2.0
+    return shape, A, vs
+
+
+def _acquisition(shape, voxel_size, echo_times, field_strength, b0_direction, affine, rotation_deg, snr,
+                 oversample, padding, fov_fraction, head_semi_axes_mm) -> _Acquisition:
+    """Check the options of :func:`simulate_phantom` and derive the acquisition geometry."""
+    shape, A, vs = _grid(shape, voxel_size, affine)
+    snr_val = None if snr is None or not np.isfinite(float(snr)) else float(snr)
+    _check_params(shape, vs, echo_times, field_strength, oversample, padding, snr_val)
+    b0w = np.asarray(b0_direction, np.float64)
+    if b0w.shape != (3,) or not np.isfinite(np.linalg.norm(b0w)) or np.linalg.norm(b0w) == 0:
+        raise ParameterError("simulate: b0_direction must be a non-zero 3-vector in world coordinates")
+    b0w = b0w / np.linalg.norm(b0w)
+    S = (np.asarray(head_semi_axes_mm, np.float64) if head_semi_axes_mm is not None
+         else _head_semi_axes(shape, A, fov_fraction))
+    return _Acquisition(shape=shape, A=A, vs=vs, te=np.asarray(echo_times, np.float64), os_=int(oversample),
+                        snr=snr_val, b0w=b0w, b_vox=b0_direction_from_affine(A, b0w),
+                        R=rotation_matrix(rotation_deg),
+                        center=A[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + A[:3, 3], S=S)
+
+
+def _tissue_tables(chi_overrides, field_strength):
+    """``(tissues, chi_lut, m0_lut, r2_lut, in_brain)``: per-tissue values with the overrides, and
+    look-up tables over the internal label code (label | ``_MASK_BIT`` inside the brain mask)."""
+    tissues = dict(TISSUES)
+    for name, val in (chi_overrides or {}).items():
+        if name not in tissues:
+            raise ParameterError(f"simulate: unknown tissue {name!r} in chi_overrides; known: {', '.join(tissues)}")
+        tissues[name] = (float(val),) + tissues[name][1:]
+    chi_lut = np.zeros(256, np.float32)
+    m0_lut = np.zeros(256, np.float32)
+    r2_lut = np.zeros(256, np.float32)
+    for k, name in LABELS.items():
+        c, m0, t2 = tissues[name]
+        for code in (k, k | int(_MASK_BIT)):
+            chi_lut[code], m0_lut[code] = c, m0
+            r2_lut[code] = 1.0 / (t2 * 1e-3) * (float(field_strength) / 3.0)
+    in_brain = np.zeros(256, bool)
+    in_brain[int(_MASK_BIT):] = True
+    return tissues, chi_lut, m0_lut, r2_lut, in_brain
+
+
+class _Sampler:
+    """Labels (and phi0) of the head at voxel-index coordinates of the acquisition grid."""
+
+    def __init__(self, head: _Head, acq: _Acquisition):
+        A, S, R = acq.A, acq.S, acq.R
+        self.head = head
+        # world -> head frame (u units): u = diag(1/S) R^T (A[:3,:3] i + A[:3,3] - c)
+        self.M = np.diag(1.0 / S) @ R.T @ A[:3, :3]
+        self.t0 = np.diag(1.0 / S) @ R.T @ (A[:3, 3] - acq.center)
+
+    def __call__(self, idx0: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, want_phi0: bool):
+        """Labels (and phi0) at voxel-index coordinates given per axis (outer grid)."""
+        M, t0 = self.M, self.t0
+        g0, g1, g2 = np.meshgrid(idx0.astype(np.float32), idx1.astype(np.float32), idx2.astype(np.float32),
+                                 indexing="ij", copy=False)
+        pts = [None, None, None]
+        for r in range(3):
+            pts[r] = (np.float32(M[r, 0]) * g0 + np.float32(M[r, 1]) * g1 + np.float32(M[r, 2]) * g2
+                      + np.float32(t0[r])).ravel()
+        lab = self.head.labels(*pts).reshape(g0.shape)
+        phi = self.head.phi0(*pts).reshape(g0.shape) if want_phi0 else None
+        return lab, phi
+
+
+def _fine_grid(sample: _Sampler, shape, os_: int, chunk_voxels: int):
+    """Labels and phi0 on the ``os_`` times finer grid, in slabs: ``(labels_f, phi0_f, step)``."""
+    fshape = tuple(s * os_ for s in shape)
+    fine_idx = [((np.arange(n) + 0.5) / os_ - 0.5) for n in fshape]   # in output voxel indices
+    labels_f = np.empty(fshape, np.uint8)
+    phi0_f = np.empty(fshape, np.float32)
+    per_slice = fshape[1] * fshape[2]
+    step = max(os_, (max(1, chunk_voxels // per_slice) // os_) * os_)
+    for a in range(0, fshape[0], step):
+        b = min(a + step, fshape[0])
+        labels_f[a:b], phi0_f[a:b] = sample(fine_idx[0][a:b], fine_idx[1], fine_idx[2], True)
+    return labels_f, phi0_f, step
+
+
+def _fields(labels_f, phi0_f, chi_lut, in_brain, vs, os_: int, b_vox, padding):
+    """Fine-grid fields and their block means: ``(chi_truth, local_out, total_f, total_out,
+    phi0_out, pshape)`` (``total_f`` stays on the fine grid for the signal)."""
+    fshape = labels_f.shape
+    pshape = _fft.padded_shape(fshape, padding)
+    vs_f = vs / os_
+    dipole = Dipole(fshape, vs_f, b_vox, fft_shape=pshape)
+    chi_f = chi_lut[labels_f]
+    chi_f *= in_brain[labels_f]
+    local_f = _field_from_chi(chi_f, dipole)
+    chi_truth = _block_mean(chi_f, os_)
+    del chi_f
+    # background sources: the head relative to the surrounding air (chi - CHI_AIR) minus the
+    # referenced chi inside the mask, which is the local part: total = D * (chi - CHI_AIR) over
+    # the head. Inside the mask that leaves -CHI_AIR, a uniform block whose field is harmonic
+    # inside the mask (its sources sit on the mask surface).
+    chi_bg = chi_lut[labels_f] - np.float32(CHI_AIR)
+    chi_bg[in_brain[labels_f]] = -np.float32(CHI_AIR)
+    total_f = _field_from_chi(chi_bg, dipole)
+    del chi_bg, dipole
+    total_f += local_f
+    local_out = _block_mean(local_f, os_)
+    del local_f
+    total_out = _block_mean(total_f, os_)
+    phi0_out = _block_mean(phi0_f, os_)
+    return chi_truth, local_out, total_f, total_out, phi0_out, pshape
+
+
+def _cis(ph: np.ndarray) -> np.ndarray:
+    """``exp(i ph)`` as complex64."""
+    z = np.empty(ph.shape, np.complex64)
+    np.cos(ph, out=z.real)
+    np.sin(ph, out=z.imag)
+    return z
+
+
+def _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, te, field_strength, shape, os_: int, step: int):
+    """Block-averaged complex multi-echo signal ``(x, y, z, echo)`` (complex64), slab by slab.
+
+    S_e = M0 exp(-R2* TE_e) exp(i (phi0 + omega f TE_e)), block-averaged as a complex signal.
+    With equally spaced echoes exp(i omega f TE_e) is built by the recurrence z_e = z_{e-1} dz.
+    """
+    fshape = labels_f.shape
+    omega = 2.0 * np.pi * GAMMA_BAR * float(field_strength) * 1e-6          # rad/s per ppm
+    ne = te.size
+    sig = np.empty(shape + (ne,), np.complex64)
+    amp_luts = [(m0_lut * np.exp(-r2_lut * t)).astype(np.float32) for t in te]
+    dte = np.diff(te)
+    uniform = ne > 1 and bool(np.allclose(dte, dte[0], rtol=1e-9, atol=1e-12))
+    for a in range(0, fshape[0], step):
+        b = min(a + step, fshape[0])
+        lab, fld, p0 = labels_f[a:b], total_f[a:b], phi0_f[a:b]
+        if uniform:
+            z = _cis(fld * np.float32(omega * te[0]) + p0)
+            dz = _cis(fld * np.float32(omega * dte[0]))
+        for e, t in enumerate(te):
+            if uniform:
+                if e:
+                    z *= dz
+            else:
+                z = _cis(fld * np.float32(omega * t) + p0)
+            sig[a // os_:b // os_, :, :, e] = _block_mean(amp_luts[e][lab] * z, os_)
+    return sig
+
+
+def _output_labels(sample: _Sampler, shape, chunk_voxels: int, in_brain):
+    """Analytic labels (without the mask bit) and the brain mask at the output voxel centres."""
+    labels_out = np.empty(shape, np.uint8)
+    step_o = max(1, chunk_voxels // (shape[1] * shape[2]))
+    out_idx = [np.arange(n, dtype=np.float64) for n in shape]
+    for a in range(0, shape[0], step_o):
+        b = min(a + step_o, shape[0])
+        labels_out[a:b], _ = sample(out_idx[0][a:b], out_idx[1], out_idx[2], False)
+    mask = in_brain[labels_out]
+    labels_out &= np.uint8(0x7F)
+    return labels_out, mask
+
+
+def _add_noise(sig, mask, snr_val, seed: int):
+    """Add complex Gaussian noise (in place) and split: ``(magnitude, phase in [-pi, pi), sigma)``."""
+    sigma = 0.0
+    if snr_val is not None:
+        mean1 = float(np.abs(sig[..., 0])[mask].mean()) if mask.any() else float(np.abs(sig[..., 0]).mean())
+        sigma = mean1 / snr_val
+        rng = np.random.default_rng(seed)
+        for e in range(sig.shape[-1]):
+            n = rng.standard_normal((2,) + sig.shape[:-1], dtype=np.float32)
+            sig[..., e].real += sigma * n[0]
+            sig[..., e].imag += sigma * n[1]
+    mag = np.abs(sig).astype(np.float32)
+    phase = np.angle(sig).astype(np.float32)
+    phase[phase >= np.float32(np.pi)] -= np.float32(2 * np.pi)
+    return mag, phase, sigma
+
+
+def _metadata(acq: _Acquisition, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
+              chi_overrides, tissues, sigma, pshape, timing) -> dict:
+    """The phantom's ``meta`` dict: the options used (JSON-friendly), noise level and timing."""
+    te, b0w = acq.te, acq.b0w
+    options = {"shape": list(acq.shape), "voxel_size": [float(v) for v in acq.vs], "echo_times": te.tolist(),
+               "field_strength": float(field_strength), "b0_direction": b0w.tolist(),
+               "affine_given": affine is not None, "rotation_deg": [float(r) for r in rotation_deg],
+               "snr": acq.snr, "seed": int(seed), "oversample": acq.os_, "padding": float(padding),
+               "anatomy_seed": int(anatomy_seed), "fov_fraction": float(fov_fraction),
+               "head_semi_axes_mm": [float(s) for s in acq.S], "chi_overrides": dict(chi_overrides or {})}
+    return {"source": "qsmkit.simulate", "echo_times": te.tolist(), "field_strength": float(field_strength),
+            "b0_direction_world": b0w.tolist(), "rotation_deg": [float(r) for r in rotation_deg],
+            "rotation_center_mm": acq.center.tolist(), "noise_sigma": sigma, "padded_fine_shape": list(pshape),
+            "options": options, "tissues": tissues, "timing_s": timing}
 
 
 # ============================================================================ main
@@ -590,179 +832,34 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
 
         valid = [n for n in inspect.signature(simulate_phantom).parameters if n != "kw"]
         raise ParameterError(f"simulate: unknown option(s) {', '.join(sorted(kw))}; valid options: {', '.join(valid)}")
-    try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ParameterError(f"simulate: shape must be 3 integers, got {shape!r}") from None
-    if affine is not None:
-        A = np.asarray(affine, np.float64)
-        if A.shape != (4, 4) or not np.all(np.isfinite(A)) or abs(np.linalg.det(A[:3, :3])) < 1e-9:
-            raise ParameterError("simulate: affine must be a finite, invertible 4x4 voxel-to-world matrix")
-        vs = voxel_sizes(A)
-    else:
-        vs = np.asarray(voxel_size, np.float64)
-        if len(vs) != 3:
-            raise ParameterError(f"simulate: voxel_size must be 3 values in mm, got {tuple(voxel_size)}")
-        A = np.diag(np.r_[vs, 1.0])
-        A[:3, 3] = -vs * (np.asarray(shape) - 1) / 2.0
-    snr_val = None if snr is None or not np.isfinite(float(snr)) else float(snr)
-    _check_params(shape, vs, echo_times, field_strength, oversample, padding, snr_val)
-    te = np.asarray(echo_times, np.float64)
-    os_ = int(oversample)
-    b0w = np.asarray(b0_direction, np.float64)
-    if b0w.shape != (3,) or not np.isfinite(np.linalg.norm(b0w)) or np.linalg.norm(b0w) == 0:
-        raise ParameterError("simulate: b0_direction must be a non-zero 3-vector in world coordinates")
-    b0w = b0w / np.linalg.norm(b0w)
-    b_vox = b0_direction_from_affine(A, b0w)
-    R = rotation_matrix(rotation_deg)
-    center = A[:3, :3] @ ((np.asarray(shape) - 1) / 2.0) + A[:3, 3]
-    S = (np.asarray(head_semi_axes_mm, np.float64) if head_semi_axes_mm is not None
-         else _head_semi_axes(shape, A, fov_fraction))
-    head = _Head(S, _make_anatomy(anatomy_seed), min_vein_radius_mm=0.6 * float(vs.max()))
+    acq = _acquisition(shape, voxel_size, echo_times, field_strength, b0_direction, affine, rotation_deg, snr,
+                       oversample, padding, fov_fraction, head_semi_axes_mm)
+    shape, os_ = acq.shape, acq.os_
+    head = _Head(acq.S, _make_anatomy(anatomy_seed), min_vein_radius_mm=0.6 * float(acq.vs.max()))
+    tissues, chi_lut, m0_lut, r2_lut, in_brain = _tissue_tables(chi_overrides, field_strength)
+    sample = _Sampler(head, acq)
 
-    tissues = dict(TISSUES)
-    for name, val in (chi_overrides or {}).items():
-        if name not in tissues:
-            raise ParameterError(f"simulate: unknown tissue {name!r} in chi_overrides; known: {', '.join(tissues)}")
-        tissues[name] = (float(val),) + tissues[name][1:]
-    # look-up tables over the internal label code (label | _MASK_BIT inside the brain mask)
-    chi_lut = np.zeros(256, np.float32)
-    m0_lut = np.zeros(256, np.float32)
-    r2_lut = np.zeros(256, np.float32)
-    for k, name in LABELS.items():
-        c, m0, t2 = tissues[name]
-        for code in (k, k | int(_MASK_BIT)):
-            chi_lut[code], m0_lut[code] = c, m0
-            r2_lut[code] = 1.0 / (t2 * 1e-3) * (float(field_strength) / 3.0)
-    in_brain = np.zeros(256, bool)
-    in_brain[int(_MASK_BIT):] = True
-
-    # world -> head frame (u units): u = diag(1/S) R^T (A[:3,:3] i + A[:3,3] - c)
-    M = np.diag(1.0 / S) @ R.T @ A[:3, :3]
-    t0 = np.diag(1.0 / S) @ R.T @ (A[:3, 3] - center)
-
-    def eval_slab(idx0: np.ndarray, idx1: np.ndarray, idx2: np.ndarray, want_phi0: bool):
-        """Labels (and phi0) at voxel-index coordinates given per axis (outer grid)."""
-        g0, g1, g2 = np.meshgrid(idx0.astype(np.float32), idx1.astype(np.float32), idx2.astype(np.float32),
-                                 indexing="ij", copy=False)
-        pts = [None, None, None]
-        for r in range(3):
-            pts[r] = (np.float32(M[r, 0]) * g0 + np.float32(M[r, 1]) * g1 + np.float32(M[r, 2]) * g2
-                      + np.float32(t0[r])).ravel()
-        lab = head.labels(*pts).reshape(g0.shape)
-        phi = head.phi0(*pts).reshape(g0.shape) if want_phi0 else None
-        return lab, phi
-
-    # ---------------------------------------------------------------- fine grid
-    fshape = tuple(s * os_ for s in shape)
-    fine_idx = [((np.arange(n) + 0.5) / os_ - 0.5) for n in fshape]   # in output voxel indices
-    labels_f = np.empty(fshape, np.uint8)
-    phi0_f = np.empty(fshape, np.float32)
-    per_slice = fshape[1] * fshape[2]
-    step = max(os_, (max(1, chunk_voxels // per_slice) // os_) * os_)
-    for a in range(0, fshape[0], step):
-        b = min(a + step, fshape[0])
-        labels_f[a:b], phi0_f[a:b] = eval_slab(fine_idx[0][a:b], fine_idx[1], fine_idx[2], True)
+    labels_f, phi0_f, step = _fine_grid(sample, shape, os_, chunk_voxels)
     t_geom = time.perf_counter()
-
-    # ---------------------------------------------------------------- fields
-    pshape = _fft.padded_shape(fshape, padding)
-    vs_f = vs / os_
-    D_half = dipole_kernel(pshape, vs_f, b_vox, rfft=True)
-    chi_f = chi_lut[labels_f]
-    chi_f *= in_brain[labels_f]
-    local_f = _field_from_chi(chi_f, pshape, D_half)
-    chi_truth = _block_mean(chi_f, os_)
-    del chi_f
-    # background sources: the head relative to the surrounding air (chi - CHI_AIR) minus the
-    # referenced chi inside the mask, which is the local part: total = D * (chi - CHI_AIR) over
-    # the head. Inside the mask that leaves -CHI_AIR, a uniform block whose field is harmonic
-    # inside the mask (its sources sit on the mask surface).
-    chi_bg = chi_lut[labels_f] - np.float32(CHI_AIR)
-    chi_bg[in_brain[labels_f]] = -np.float32(CHI_AIR)
-    total_f = _field_from_chi(chi_bg, pshape, D_half)
-    del chi_bg, D_half
-    total_f += local_f
-    local_out = _block_mean(local_f, os_)
-    del local_f
-    total_out = _block_mean(total_f, os_)
-    phi0_out = _block_mean(phi0_f, os_)
+    chi_truth, local_out, total_f, total_out, phi0_out, pshape = _fields(labels_f, phi0_f, chi_lut, in_brain,
+                                                                         acq.vs, os_, acq.b_vox, padding)
     t_field = time.perf_counter()
-
-    # ---------------------------------------------------------------- signal, per echo
-    # S_e = M0 exp(-R2* TE_e) exp(i (phi0 + omega f TE_e)), block-averaged as a complex signal.
-    # With equally spaced echoes exp(i omega f TE_e) is built by the recurrence z_e = z_{e-1} dz.
-    omega = 2.0 * np.pi * GAMMA_BAR * float(field_strength) * 1e-6          # rad/s per ppm
-    ne = te.size
-    sig = np.empty(shape + (ne,), np.complex64)
-    amp_luts = [(m0_lut * np.exp(-r2_lut * t)).astype(np.float32) for t in te]
-    dte = np.diff(te)
-    uniform = ne > 1 and bool(np.allclose(dte, dte[0], rtol=1e-9, atol=1e-12))
-
-    def cis(ph: np.ndarray) -> np.ndarray:
-        z = np.empty(ph.shape, np.complex64)
-        np.cos(ph, out=z.real)
-        np.sin(ph, out=z.imag)
-        return z
-
-    for a in range(0, fshape[0], step):
-        b = min(a + step, fshape[0])
-        lab, fld, p0 = labels_f[a:b], total_f[a:b], phi0_f[a:b]
-        if uniform:
-            z = cis(fld * np.float32(omega * te[0]) + p0)
-            dz = cis(fld * np.float32(omega * dte[0]))
-        for e, t in enumerate(te):
-            if uniform:
-                if e:
-                    z *= dz
-            else:
-                z = cis(fld * np.float32(omega * t) + p0)
-            sig[a // os_:b // os_, :, :, e] = _block_mean(amp_luts[e][lab] * z, os_)
+    sig = _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, acq.te, field_strength, shape, os_, step)
     del total_f, phi0_f, labels_f
     t_sig = time.perf_counter()
-
-    # ---------------------------------------------------------------- truth at output centres
-    labels_out = np.empty(shape, np.uint8)
-    step_o = max(1, chunk_voxels // (shape[1] * shape[2]))
-    out_idx = [np.arange(n, dtype=np.float64) for n in shape]
-    for a in range(0, shape[0], step_o):
-        b = min(a + step_o, shape[0])
-        labels_out[a:b], _ = eval_slab(out_idx[0][a:b], out_idx[1], out_idx[2], False)
-    mask = in_brain[labels_out]
-    labels_out &= np.uint8(0x7F)
+    labels_out, mask = _output_labels(sample, shape, chunk_voxels, in_brain)
     chi_truth *= mask
-
-    # ---------------------------------------------------------------- noise
-    sigma = 0.0
-    if snr_val is not None:
-        mean1 = float(np.abs(sig[..., 0])[mask].mean()) if mask.any() else float(np.abs(sig[..., 0]).mean())
-        sigma = mean1 / snr_val
-        rng = np.random.default_rng(seed)
-        for e in range(ne):
-            n = rng.standard_normal((2,) + shape, dtype=np.float32)
-            sig[..., e].real += sigma * n[0]
-            sig[..., e].imag += sigma * n[1]
-    mag = np.abs(sig).astype(np.float32)
-    phase = np.angle(sig).astype(np.float32)
+    mag, phase, sigma = _add_noise(sig, mask, acq.snr, seed)
     del sig
-    phase[phase >= np.float32(np.pi)] -= np.float32(2 * np.pi)
 
-    # ---------------------------------------------------------------- assemble
-    options = {"shape": list(shape), "voxel_size": [float(v) for v in vs], "echo_times": te.tolist(),
-               "field_strength": float(field_strength), "b0_direction": b0w.tolist(),
-               "affine_given": affine is not None, "rotation_deg": [float(r) for r in rotation_deg],
-               "snr": snr_val, "seed": int(seed), "oversample": os_, "padding": float(padding),
-               "anatomy_seed": int(anatomy_seed), "fov_fraction": float(fov_fraction),
-               "head_semi_axes_mm": [float(s) for s in S], "chi_overrides": dict(chi_overrides or {})}
-    meta = {"source": "qsmkit.simulate", "echo_times": te.tolist(), "field_strength": float(field_strength),
-            "b0_direction_world": b0w.tolist(), "rotation_deg": [float(r) for r in rotation_deg],
-            "rotation_center_mm": center.tolist(), "noise_sigma": sigma, "padded_fine_shape": list(pshape),
-            "options": options, "tissues": tissues,
-            "timing_s": {"geometry": t_geom - t_start, "fields": t_field - t_geom, "signal": t_sig - t_field,
-                         "total": time.perf_counter() - t_start}}
+    timing = {"geometry": t_geom - t_start, "fields": t_field - t_geom, "signal": t_sig - t_field,
+              "total": time.perf_counter() - t_start}
+    meta = _metadata(acq, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
+                     chi_overrides, tissues, sigma, pshape, timing)
+    te = acq.te
 
     def vol(data, units, **m):
-        return Volume(data, A, units=units, b0_direction=b_vox, meta={"simulated": True, **m})
+        return Volume(data, acq.A, units=units, b0_direction=acq.b_vox, meta={"simulated": True, **m})
 
     truth = {"chi": vol(chi_truth, "ppm", reference="csf"),
              "local_field": vol(local_out, "ppm"),
@@ -770,12 +867,11 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
              "mask": vol(mask, "bool"),
              "labels": vol(labels_out, "label", labels={int(k): v for k, v in LABELS.items()})}
     if verbose:
-        print(f"simulate_phantom: {shape} fine {fshape} padded {pshape}: {meta['timing_s']}")
+        print(f"simulate_phantom: {shape} fine {tuple(s * os_ for s in shape)} padded {pshape}: {meta['timing_s']}")
     return Phantom(magnitude=vol(mag, "a.u.", echo_times=te.tolist()),
                    phase=vol(phase, "rad", echo_times=te.tolist()),
-                   echo_times=te, field_strength=float(field_strength), truth=truth, rotation=R,
+                   echo_times=te, field_strength=float(field_strength), truth=truth, rotation=acq.R,
                    meta=meta, phase_offset=vol(phi0_out, "rad"))
-
 
 def simulate_orientations(rotations_deg: Sequence[Sequence[float]], **kwargs: Any) -> list[Phantom]:
     """The same head in several orientations (for COSMOS), one :class:`Phantom` per rotation.

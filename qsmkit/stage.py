@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
-from .errors import MissingArtifactError, ParameterError
+from .errors import MissingArtifactError, ParameterError, UndeclaredArtifactError
 
 #: the stage kinds the core knows, in processing order; plugins may add more
 STAGE_KINDS: tuple[str, ...] = (
@@ -28,6 +28,11 @@ PRODUCED_BY: dict[str, str] = {
     "transforms": "register", "kspace": "kspace_read", "sampling_mask": "undersample",
     "maps": "coil_maps", "image": "recon",
 }
+
+#: the artifact through which a ``scope = "joint"`` stage sees every acquisition of a
+#: multi-acquisition run (``inputs.orientations``): a list of per-acquisition artifact dicts,
+#: the reference first
+ACQUISITIONS = "orientations"
 
 _TYPE_NAMES = {float: "float", int: "int", bool: "bool", str: "str", list: "list"}
 
@@ -54,6 +59,9 @@ class Param:
         One-line description.
     item_type : type
         Element type for ``list`` parameters.
+    aliases : tuple of str
+        Old (deprecated) spellings of ``name`` that are still accepted: the value is used as if
+        given under ``name`` and one ``deprecated`` line is printed on stderr.
     """
 
     name: str
@@ -64,6 +72,7 @@ class Param:
     choices: tuple | None = None
     doc: str = ""
     item_type: type = float
+    aliases: tuple = ()
 
     @property
     def type_name(self) -> str:
@@ -83,6 +92,8 @@ class Param:
             bits.append("one of " + "|".join(map(str, self.choices)))
         if self.doc:
             bits.append(f"- {self.doc}")
+        if self.aliases:
+            bits.append(f"(formerly {', '.join(self.aliases)})")
         return " ".join(bits)
 
     def _scalar(self, value: Any, typ: type, where: str) -> Any:
@@ -125,15 +136,37 @@ class Param:
         return self._scalar(value, self.type, where)
 
 
+#: attribute spellings for parameter names that are Python keywords (``p.lam`` is ``p["lambda"]``)
+ATTRIBUTE_NAMES: dict[str, str] = {"lam": "lambda"}
+
+
+def apply_aliases(given: dict[str, Any], decl: Mapping[str, Param], where: str) -> dict[str, Any]:
+    """Rename deprecated parameter spellings in ``given`` to their current names (see
+    :attr:`Param.aliases`), printing one ``deprecated`` line on stderr for each."""
+    alias = {a: p.name for p in decl.values() for a in p.aliases}
+    for old in [k for k in given if k not in decl and k in alias]:
+        new = alias[old]
+        if new in given:
+            raise ParameterError(f"{where}: both '{old}' (its old spelling) and '{new}' are given; keep only '{new}'")
+        print(f"qsmkit: deprecated: {where}.params.{old} is now spelled '{new}'; rename it "
+              f"(the old spelling will stop working)", file=sys.stderr, flush=True)
+        given[new] = given.pop(old)
+    return given
+
+
 class Params(Mapping):
-    """Validated parameter values, readable as attributes (``p.threshold``) or items (``p["lambda"]``)."""
+    """Validated parameter values, readable as attributes (``p.threshold``, ``p.lam`` for the
+    keyword ``lambda``) or items (``p["lambda"]``)."""
 
     def __init__(self, values: Mapping[str, Any]):
         self._values = dict(values)
 
     def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        if name not in values and name in ATTRIBUTE_NAMES:
+            name = ATTRIBUTE_NAMES[name]
         try:
-            return self.__dict__["_values"][name]
+            return values[name]
         except KeyError:
             raise AttributeError(name) from None
 
@@ -159,14 +192,30 @@ class StageContext(Mapping):
     """
 
     def __init__(self, artifacts: Mapping[str, Any], stage_label: str = "",
-                 log: Callable[[str], None] | None = None, options: Mapping[str, Any] | None = None):
+                 log: Callable[[str], None] | None = None, options: Mapping[str, Any] | None = None,
+                 declared: Sequence[str] | None = None):
         self._art = artifacts
         self.stage_label = stage_label
         self._log = log
         #: run-wide options (e.g. ``device``) from the pipeline
         self.options = dict(options or {})
+        #: artifact names the stage declared (reads + optional reads); None: no restriction
+        self._declared = None if declared is None else frozenset(declared)
+        #: metrics the stage reported with :meth:`report_metrics` (merged into ``metrics.json``)
+        self.metrics: dict[str, Any] = {}
+
+    def _check_declared(self, key: str) -> None:
+        if self._declared is not None and key not in self._declared:
+            raise UndeclaredArtifactError(
+                f"stage {self.stage_label} reads '{key}', which it does not declare; add '{key}' to the stage "
+                f"class's reads or optional_reads (declared: {', '.join(sorted(self._declared)) or 'none'})")
+
+    def report_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Add entries (e.g. ``{"dip": {"iterations": 412}}``) to the run's ``metrics.json``."""
+        self.metrics.update(metrics)
 
     def __getitem__(self, key: str) -> Any:
+        self._check_declared(key)
         try:
             return self._art[key]
         except KeyError:
@@ -176,16 +225,19 @@ class StageContext(Mapping):
             raise MissingArtifactError(f"stage {self.stage_label} needs '{key}', which is not available; {hint}") from None
 
     def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self._check_declared(key)
         return key in self._art
 
     def get(self, key: str, default: Any = None) -> Any:
+        self._check_declared(key)
         return self._art.get(key, default)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._art)
+        return iter(k for k in self._art if self._declared is None or k in self._declared)
 
     def __len__(self) -> int:
-        return len(self._art)
+        return sum(1 for _ in self)
 
     def log(self, message: str) -> None:
         """Print a progress line for this stage (indented, to stderr)."""
@@ -217,16 +269,26 @@ class Stage:
     params: ClassVar[Sequence[Param]] = ()
     #: one-line description for ``qsmkit plugins``
     description: ClassVar[str] = ""
+    #: in a run over several acquisitions: ``"each"`` runs once per acquisition (until the first
+    #: joint stage), ``"joint"`` runs once and reads all of them as :data:`ACQUISITIONS`
+    scope: ClassVar[str] = "each"
 
     @classmethod
     def param_map(cls) -> dict[str, Param]:
-        return {p.name: p for p in cls.params}
+        """Declared parameters by name; every stage also accepts the shared ``device`` parameter
+        (DESIGN §5), as :data:`qsmkit.params.CPU_DEVICE` when it does not declare its own."""
+        decl = {p.name: p for p in cls.params}
+        if "device" not in decl:
+            from .params import CPU_DEVICE
+
+            decl["device"] = CPU_DEVICE
+        return decl
 
     @classmethod
     def validate_params(cls, given: Mapping[str, Any] | None, where: str) -> Params:
         """Validate user parameters against :attr:`params`; unknown names are an error."""
-        given = dict(given or {})
         decl = cls.param_map()
+        given = apply_aliases(dict(given or {}), decl, where)
         unknown = sorted(set(given) - set(decl))
         if unknown:
             valid = ", ".join(decl) or "(none)"
@@ -237,6 +299,15 @@ class Stage:
         for name, p in decl.items():
             values[name] = p.validate(given[name], f"{where}.params.{name}") if name in given else p.default
         return Params(values)
+
+    @classmethod
+    def check_inputs(cls, inputs: Mapping[str, Any], p: Params) -> None:
+        """Validation-time check of the prepared ``inputs`` this stage will read (optional).
+
+        Called by ``qsmkit validate`` and before a run, for every stage that will run: open a file's
+        header (never its data) and raise a :class:`~qsmkit.errors.QsmkitError` for what :meth:`run`
+        would refuse, so that validation and run agree. File inputs are :class:`pathlib.Path`.
+        """
 
     def run(self, ctx: StageContext, p: Params) -> dict[str, Any]:  # pragma: no cover - interface
         """Compute this stage's artifacts from ``ctx`` and parameters ``p``; return ``{name: value}``."""

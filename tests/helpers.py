@@ -69,5 +69,6 @@ def run_stage(cls, art, params=None):
     from qsmkit.stage import StageContext
 
     p = cls.validate_params(params or {}, where="stages.0")
-    out = cls().run(StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lambda m: None), p)
-    return {**art, **out}
+    ctx = StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lambda m: None)
+    out = cls().run(ctx, p)
+    return {**art, **out, **({"metrics": ctx.metrics} if getattr(ctx, "metrics", None) else {})}

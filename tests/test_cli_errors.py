@@ -136,7 +136,7 @@ def test_python_tag_refused(data, capsys):
 
 def test_output_dir_overwriting_input(data, capsys):
     write_nifti(data / "chi.nii.gz", np.zeros(SHAPE, np.float32), oblique_affine((1.0, 1.0, 1.5), 10.0))
-    p = pipeline(data, inputs="local_field: lf.nii.gz, mask: mask.nii.gz, extra_prior: chi.nii.gz", output_dir=".")
+    p = pipeline(data, inputs="local_field: lf.nii.gz, mask: mask.nii.gz, noise_weight: chi.nii.gz", output_dir=".")
     check_error(capsys, data, ["run", p], "would overwrite the input file", out="nonexistent")
 
 

@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from qsmkit.errors import ConfigError
+from qsmkit.errors import ConfigError, QsmkitError
 from qsmkit.pipeline import apply_overrides, load_plan, run_plan
 from qsmkit.plugins import load_registry
 from helpers import oblique_affine, run_cli, sphere_field, write_nifti
@@ -95,3 +95,65 @@ def test_in_place_stage_is_not_skipped_when_its_artifact_is_given(folder):
     res = run_plan(plan, log=lambda m: None)
     chi = res.artifacts["chi"].data
     assert abs(float(chi[res.artifacts["mask"].data].mean())) < 1e-6
+
+
+def test_stage_sees_only_declared_artifacts(folder, capsys):
+    """A stage reading an artifact it did not declare gets an error naming it; undeclared outputs too."""
+    from qsmkit import Stage, hookimpl
+    from qsmkit.errors import UndeclaredArtifactError
+    from qsmkit.plugins import load_registry
+    from qsmkit.stage import StageContext
+
+    class Peeker(Stage):
+        kind, name = "inversion", "peeker"
+        reads = ("local_field",)
+
+        def run(self, ctx, p):
+            mask = ctx["mask"]
+            return {"chi": ctx["local_field"].like(mask.data * 1.0)}
+
+    with pytest.raises(UndeclaredArtifactError, match="reads 'mask', which it does not declare"):
+        Peeker().run(StageContext({"local_field": None, "mask": None}, "inversion/peeker", declared=Peeker.reads), {})
+
+    class Plugin:
+        @hookimpl
+        def qsmkit_register_stages(registry):
+            registry.add(Peeker)
+
+    reg = load_registry(extra_plugins=[Plugin])
+    (folder / "p.yaml").write_text("inputs: {local_field: lf.nii.gz, mask: mask.nii.gz}\n"
+                                   "stages:\n  - {stage: inversion, method: peeker}\noutput_dir: results\n")
+    plan = load_plan(folder / "p.yaml", reg)
+    with pytest.raises(UndeclaredArtifactError, match="inversion/peeker reads 'mask'"):
+        run_plan(plan, reg, log=lambda m: None)
+    assert not (folder / "results").exists()
+
+    class Leaker(Stage):
+        kind, name = "inversion", "leaker"
+        reads, writes = ("local_field",), ("chi",)
+
+        def run(self, ctx, p):
+            return {"chi": ctx["local_field"], "metrics": {"x": 1}}
+
+    class Plugin2:
+        @hookimpl
+        def qsmkit_register_stages(registry):
+            registry.add(Leaker)
+
+    reg = load_registry(extra_plugins=[Plugin2])
+    (folder / "p.yaml").write_text((folder / "p.yaml").read_text().replace("peeker", "leaker"))
+    plan = load_plan(folder / "p.yaml", reg)
+    with pytest.raises(QsmkitError, match="returned 'metrics', which its class does not declare.*report_metrics"):
+        run_plan(plan, reg, log=lambda m: None)
+
+
+def test_run_device_resolved_once_for_auto_stages(folder, capsys):
+    code, _, err = run_cli(["run", folder / "p.yaml", "--set", "device=cpu", "--set",
+                            "stages.1={stage: inversion, method: dip, params: {max_iter: 3, min_iterations: 1, "
+                            "channels: 4, depth: 2}}"], capsys)
+    assert code == 0, err
+    prov = json.loads((folder / "results" / "provenance.json").read_text())
+    assert prov["device"] == "cpu" and prov["stages"][1]["params"]["device"] == "cpu"
+    assert "device: cpu (for the stages set to auto)" in err
+    code, _, err = run_cli(["validate", folder / "p.yaml", "--set", "device=gpu"], capsys)
+    assert code == 2 and "device = 'gpu'; choose auto, cpu or cuda" in err

@@ -14,6 +14,7 @@ import numpy as np
 
 from qsmkit import Param, Stage, Volume, hookimpl
 from qsmkit.device import DEVICE_PARAM, resolve_device
+from qsmkit.params import lam, max_iter, tol, use_noise_weight
 from qsmkit.errors import GeometryError, InputDataError, StageError
 
 from .cosmos import condition_map, cosmos, cosmos_cg
@@ -33,6 +34,7 @@ class COSMOS(Stage):
     """Joint inversion of registered multi-orientation local fields."""
 
     kind, name = "inversion", "cosmos"
+    scope = "joint"
     reads = ("orientations",)
     optional_reads = ("mask",)
     writes = ("chi", "mask")
@@ -43,15 +45,15 @@ class COSMOS(Stage):
               doc="cg: noise-weighted least squares with chi supported in the mask, started from the closed "
                   "form (default; lower error, as it does not treat the field outside the mask as zero); "
                   "closed_form: sum D_i F_i / (sum D_i^2 + eps) only"),
-        Param("regularization", float, 1e-3, range=(0.0, 10.0),
-              doc="eps added to sum D_i^2 (closed form) / Tikhonov weight (cg); dimensionless"),
+        lam(1e-3, range=(0.0, 10.0), aliases=("regularization",),
+            doc="eps added to sum D_i^2 (closed form) / Tikhonov weight (cg); dimensionless"),
         Param("padding", float, 1.25, range=(1.0, 4.0),
               doc="minimum zero-padding factor per axis (1.25 and 1.5 give the same chi on the phantom; "
                   "1.25 halves the CG time)"),
-        Param("use_noise_weights", bool, True, doc="cg: weight each orientation by its noise_weight"),
-        Param("max_iter", int, 50, range=(1, 10000), doc="cg: maximum iterations"),
-        Param("tol", float, 1e-2, range=(1e-8, 1.0),
-              doc="cg: stop at this relative residual (from the closed-form start, 1e-2 takes 5-10 iterations; "
+        use_noise_weight(True, aliases=("use_noise_weights",), doc="cg: weight each orientation by its noise_weight"),
+        max_iter(50, range=(1, 10000), doc="cg: maximum iterations"),
+        tol(1e-2, range=(1e-8, 1.0),
+            doc="cg: stop at this relative residual (from the closed-form start, 1e-2 takes 5-10 iterations; "
                   "tighter values change chi by < 1 % NRMSE on the phantom)"),
         Param("min_overlap", float, 0.5, range=(0.0, 1.0),
               doc="error when the masks' intersection keeps less than this fraction of the reference mask"),
@@ -108,26 +110,26 @@ class COSMOS(Stage):
         ctx.log(f"{len(orients)} orientations; B0 tilt from the reference: "
                 f"{', '.join(f'{a:.1f}' for a in angles)} deg; mask {int(mask.sum())} voxels")
         vs = ref_f.voxel_size
-        chi = cosmos(fields, dirs, vs, mask, p.regularization, p.padding)
+        chi = cosmos(fields, dirs, vs, mask, p.lam, p.padding)
         info: dict = {"solver": p.solver, "orientations": len(orients), "b0_tilt_deg": angles,
                       "mask_voxels": int(mask.sum()), "mask_fraction_of_reference": frac}
         if p.solver == "cg":
             weights = None
-            if p.use_noise_weights and all(isinstance(o.get("noise_weight"), Volume) for o in orients):
+            if p.use_noise_weight and all(isinstance(o.get("noise_weight"), Volume) for o in orients):
                 weights = [np.where(np.asarray(o["mask"].data) > 0, np.asarray(o["noise_weight"].data, np.float32), 0)
                            for o in orients]
-            elif p.use_noise_weights:
+            elif p.use_noise_weight:
                 ctx.log("not every orientation has a noise_weight: using uniform weights")
             dev = resolve_device(p.device)
             try:
-                chi, cg = cosmos_cg(fields, dirs, vs, mask, weights, p.regularization, p.padding, p.max_iter,
+                chi, cg = cosmos_cg(fields, dirs, vs, mask, weights, p.lam, p.padding, p.max_iter,
                                     p.tol, device=str(dev), x0=chi, log=ctx.log)
             except ValueError as exc:
                 raise StageError(f"{where}: {exc}") from None
             ctx.log(f"CG: {cg['iterations']} iterations, relative residual {cg['relative_residual']:.2e}")
             info.update(cg=cg, weighted=weights is not None)
-        return {"chi": ref_f.like(chi.astype(np.float32), units="ppm"),
-                "mask": ref_f.like(mask, units="bool"), "metrics": {"cosmos": info}}
+        ctx.report_metrics({"cosmos": info})
+        return {"chi": ref_f.like(chi.astype(np.float32), units="ppm"), "mask": ref_f.like(mask, units="bool")}
 
 
 @hookimpl

@@ -11,7 +11,9 @@ joint least-squares problem is well posed:
   with ``A_i = crop . ifft . D_i . fft . pad`` and ``W_i`` each orientation's noise weight
   (zero outside its mask), by conjugate gradients on the normal equations (torch, CPU or GPU).
 
-Dipole kernels come from :func:`qsmkit.physics.dipole_kernel` (one definition of the physics).
+Both are built on the core operators: one :class:`qsmkit.operators.Dipole` per orientation (the
+one dipole convolution, :func:`qsmkit.physics.dipole_kernel`), :class:`CosmosOperator` for the
+weighted multi-orientation model and :func:`qsmkit.operators.cg` for the solve.
 """
 
 from __future__ import annotations
@@ -19,28 +21,28 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import scipy.fft as sfft
 
 from qsmkit import fft as qfft
-from qsmkit.physics import dipole_kernel
+from qsmkit.errors import InputDataError
+from qsmkit.operators import Dipole, Identity, Linop, cg, is_torch
 
-__all__ = ["cosmos", "cosmos_cg", "condition_map"]
+__all__ = ["cosmos", "cosmos_cg", "condition_map", "CosmosOperator"]
 
 
-def _half_kernel(shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float]) -> np.ndarray:
-    """Dipole kernel on the rfft half grid (last axis ``n // 2 + 1``), float32."""
-    d = dipole_kernel(shape, voxel_size, b0_dir)
-    return np.ascontiguousarray(d[..., : shape[-1] // 2 + 1])
+def _dipoles(shape, voxel_size, b0_dirs, padding: float) -> list[Dipole]:
+    """One core dipole operator per orientation, all on the same zero-padded grid."""
+    pshape = qfft.padded_shape(shape, padding)
+    return [Dipole(shape, voxel_size, b, fft_shape=pshape) for b in b0_dirs]
 
 
 def _check(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]]) -> tuple[int, ...]:
     if len(fields) != len(b0_dirs):
-        raise ValueError(f"cosmos: {len(fields)} fields but {len(b0_dirs)} B0 directions")
+        raise InputDataError(f"cosmos: {len(fields)} fields but {len(b0_dirs)} B0 directions")
     if len(fields) < 1:
-        raise ValueError("cosmos: needs at least one field")
+        raise InputDataError("cosmos: needs at least one field")
     shape = tuple(np.shape(fields[0]))
     if len(shape) != 3 or any(tuple(np.shape(f)) != shape for f in fields):
-        raise ValueError("cosmos: all fields must be 3D arrays on the same grid")
+        raise InputDataError("cosmos: all fields must be 3D arrays on the same grid")
     return shape
 
 
@@ -72,27 +74,23 @@ def cosmos(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], vox
     """
     shape = _check(fields, b0_dirs)
     m = np.asarray(mask) > 0
-    pshape = qfft.padded_shape(shape, padding)
     num = None
     den = None
-    for f, b in zip(fields, b0_dirs):
-        d = _half_kernel(pshape, voxel_size, b)
-        x = qfft.pad_center(np.where(m, np.asarray(f, dtype=np.float32), np.float32(0)), pshape)
-        spec = sfft.rfftn(x, workers=-1)
-        del x
+    for f, op in zip(fields, _dipoles(shape, voxel_size, b0_dirs, padding)):
+        d = op.kernel
+        spec = op.to_spectrum(np.where(m, np.asarray(f, dtype=np.float32), np.float32(0)))
         spec *= d
         if num is None:
-            num, den = spec, d * d
+            num, den, ref = spec, d * d, op
         else:
             num += spec
             den += d * d
-        del d, spec
+        del d, spec, op
     den += np.float32(regularization)
     den[den == 0] = 1.0  # only where every D_i = 0 (k = 0), where the numerator is 0 too
     num /= den
     del den
-    chi = sfft.irfftn(num, s=pshape, workers=-1)
-    chi = np.ascontiguousarray(qfft.crop_center(chi, shape)).astype(np.float32, copy=False)
+    chi = ref.from_spectrum(num)
     chi[~m] = 0
     return chi
 
@@ -100,10 +98,110 @@ def cosmos(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], vox
 def condition_map(b0_dirs: Sequence[Sequence[float]], shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
     """``sum_i D_i(k)^2`` on the rfft half grid (float32): where it is small, COSMOS is ill-conditioned."""
     out = None
-    for b in b0_dirs:
-        d = _half_kernel(tuple(shape), voxel_size, b)
+    for op in _dipoles(tuple(shape), voxel_size, b0_dirs, 1.0):
+        d = op.kernel
         out = d * d if out is None else out + d * d
     return out
+
+
+class CosmosOperator(Linop):
+    """Weighted multi-orientation dipole model: ``chi (x, y, z) -> (W_i D_i M chi)_i (n, x, y, z)``.
+
+    ``D_i`` is orientation ``i``'s :class:`~qsmkit.operators.Dipole` (ppm -> ppm), ``W_i`` its
+    data weight and ``M`` the support mask of ``chi``. numpy or torch (follows the input).
+
+    Parameters
+    ----------
+    dipoles : sequence of Dipole
+        One per orientation, on the same grid.
+    mask : ndarray (x, y, z)
+        Support of ``chi`` (bool or 0/1).
+    weights : sequence of ndarray, optional
+        Data weights ``W_i`` (default 1).
+    """
+
+    def __init__(self, dipoles: Sequence[Dipole], mask, weights: Sequence | None = None):
+        shape = dipoles[0].ishape
+        super().__init__(shape, (len(dipoles),) + shape, np.float32)
+        self.dipoles = list(dipoles)
+        self.mask = mask
+        self.weights = list(weights) if weights is not None else None
+        self.w2 = None if weights is None else [w * w for w in self.weights]
+
+    def apply(self, x):
+        x = x * self.mask
+        outs = [d.apply(x) for d in self.dipoles]
+        if self.weights is not None:
+            outs = [w * o for w, o in zip(self.weights, outs)]
+        return _stack(outs, x)
+
+    def adjoint(self, y):
+        acc = None
+        for i, d in enumerate(self.dipoles):
+            yi = y[i] if self.weights is None else self.weights[i] * y[i]
+            t = d.adjoint(yi)
+            acc = t if acc is None else acc + t
+        return acc * self.mask
+
+    def normal(self, x):
+        """``M sum_i D_i W_i^2 D_i M x`` (one pass per orientation, no stacked intermediate)."""
+        x = x * self.mask
+        acc = None
+        for i, d in enumerate(self.dipoles):
+            t = d.apply(x)
+            t = d.adjoint(t if self.w2 is None else self.w2[i] * t)
+            acc = t if acc is None else acc + t
+        return acc * self.mask
+
+    def weighted_rhs(self, fields):
+        """``A^H W f = M sum_i D_i W_i^2 f_i`` (the right-hand side of the normal equations)."""
+        acc = None
+        for i, (d, f) in enumerate(zip(self.dipoles, fields)):
+            t = d.adjoint(f if self.w2 is None else self.w2[i] * f)
+            acc = t if acc is None else acc + t
+        return acc * self.mask
+
+    @classmethod
+    def example(cls):
+        shape, vs = (6, 5, 4), (1.0, 1.0, 1.5)
+        rng = np.random.default_rng(11)
+        dips = [Dipole(shape, vs, b, padding=1.5) for b in ((0, 0, 1), (0.3, 0, 0.95), (0, -0.4, 0.9))]
+        mask = rng.random(shape) > 0.3
+        return cls(dips, mask.astype(np.float32), [rng.random(shape).astype(np.float32) for _ in dips])
+
+
+def _stack(arrays, like):
+    if is_torch(like):
+        import torch
+
+        return torch.stack(arrays)
+    return np.stack(arrays)
+
+
+def _relative_weights(weights, m_np: np.ndarray, n: int) -> list[np.ndarray]:
+    """Per-orientation weights, zero outside the mask, scaled together to mean 1 inside it."""
+    if weights is None:
+        return [m_np.astype(np.float32) for _ in range(n)]
+    if len(weights) != n:
+        raise InputDataError(f"cosmos_cg: {n} fields but {len(weights)} weights")
+    w_list = [np.where(m_np, np.clip(np.asarray(w, dtype=np.float32), 0, None), np.float32(0)) for w in weights]
+    scale = float(np.mean([w[m_np].mean() for w in w_list]))
+    if not np.isfinite(scale) or scale <= 0:
+        raise InputDataError("cosmos_cg: the weights are zero inside the mask")
+    return [w / np.float32(scale) for w in w_list]
+
+
+def _backend(device: str, backend: str):
+    """A converter numpy -> the solve's arrays: numpy (scipy FFTs on CPU) or torch on ``device``."""
+    if backend not in ("auto", "numpy", "torch"):
+        raise InputDataError(f"cosmos_cg: unknown backend {backend!r}")
+    if backend == "numpy" or (backend == "auto" and str(device).startswith("cpu")):
+        # scipy's multithreaded FFTs are faster than torch's on CPU
+        return lambda a: np.ascontiguousarray(a, dtype=np.float32)
+    import torch
+
+    dev = torch.device(device)
+    return lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
 
 
 def cosmos_cg(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], voxel_size: Sequence[float],
@@ -114,7 +212,8 @@ def cosmos_cg(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], 
 
     Solves ``(sum_i A_i^T W_i^2 A_i + eps I) chi = sum_i A_i^T W_i^2 f_i`` for ``chi`` supported
     in ``mask``, where ``A_i chi = crop(ifft(D_i fft(pad(chi))))`` is orientation ``i``'s dipole
-    convolution (ppm -> ppm) and ``W_i`` its weight.
+    convolution (ppm -> ppm) and ``W_i`` its weight (:class:`CosmosOperator`), with the core
+    :func:`qsmkit.operators.cg`.
 
     Parameters
     ----------
@@ -137,7 +236,7 @@ def cosmos_cg(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], 
     max_iter : int
         Maximum CG iterations.
     tol : float
-        Stop when ``||r|| / ||b||`` falls below ``tol``.
+        Stop when ``||r|| / ||b||`` falls to ``tol`` (the core CG's rule).
     device : str
         ``"cpu"`` (scipy FFTs, multithreaded) or a torch device string such as ``"cuda"``.
     x0 : ndarray, optional
@@ -156,107 +255,21 @@ def cosmos_cg(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], 
     """
     shape = _check(fields, b0_dirs)
     m_np = np.asarray(mask) > 0
-    pshape = qfft.padded_shape(shape, padding)
-    sl = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(shape, pshape))
-
-    if weights is None:
-        w_list = [m_np.astype(np.float32) for _ in fields]
-    else:
-        if len(weights) != len(fields):
-            raise ValueError(f"cosmos_cg: {len(fields)} fields but {len(weights)} weights")
-        w_list = [np.where(m_np, np.clip(np.asarray(w, dtype=np.float32), 0, None), np.float32(0)) for w in weights]
-        scale = float(np.mean([w[m_np].mean() for w in w_list]))
-        if not np.isfinite(scale) or scale <= 0:
-            raise ValueError("cosmos_cg: the weights are zero inside the mask")
-        w_list = [w / np.float32(scale) for w in w_list]
-
-    if backend not in ("auto", "numpy", "torch"):
-        raise ValueError(f"cosmos_cg: unknown backend {backend!r}")
-    if backend == "numpy" or (backend == "auto" and str(device).startswith("cpu")):
-        # scipy's multithreaded FFTs are faster than torch's on CPU
-        def to(a):
-            return np.ascontiguousarray(a, dtype=np.float32)
-
-        def rfft(a):
-            return sfft.rfftn(a, workers=-1)
-
-        def irfft(a):
-            return sfft.irfftn(a, s=pshape, workers=-1).astype(np.float32, copy=False)
-
-        def dot(a, b) -> float:
-            return float(np.vdot(a.ravel(), b.ravel()))
-
-        def to_numpy(a):
-            return np.asarray(a, dtype=np.float32)
-
-        buf = np.zeros(pshape, dtype=np.float32)
-    else:
-        import torch
-
-        dev = torch.device(device)
-
-        def to(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)
-
-        def rfft(a):
-            return torch.fft.rfftn(a)
-
-        def irfft(a):
-            return torch.fft.irfftn(a, s=pshape)
-
-        def dot(a, b) -> float:
-            return float(torch.sum(a * b))
-
-        def to_numpy(a):
-            return a.detach().cpu().numpy().astype(np.float32)
-
-        buf = torch.zeros(pshape, dtype=torch.float32, device=dev)
-
+    w_list = _relative_weights(weights, m_np, len(fields))
+    to = _backend(device, backend)
     m = to(m_np)
-    w2 = [to(w * w) for w in w_list]
+    op = CosmosOperator(_dipoles(shape, voxel_size, b0_dirs, padding), m, [to(w) for w in w_list])
     del w_list
-    kernels = [to(_half_kernel(pshape, voxel_size, b)) for b in b0_dirs]
+    system = op.N + float(regularization) * Identity(shape)
+    b = op.weighted_rhs([to(np.where(m_np, np.asarray(f, dtype=np.float32), np.float32(0))) for f in fields])
+    x0_t = None if x0 is None else to(np.asarray(x0, dtype=np.float32)) * m
 
-    def conv(x, d):
-        buf[...] = 0
-        buf[sl] = x
-        return irfft(rfft(buf) * d)[sl]
+    def progress(k, x, rel):
+        if log is not None and k % 10 == 0:
+            log(f"CG iteration {k}: relative residual {rel:.2e}")
 
-    eps = float(regularization)
-
-    def normal(x):
-        acc = eps * x
-        for d, ww in zip(kernels, w2):
-            acc = acc + conv(ww * conv(x, d), d)
-        return acc * m
-
-    b = None
-    for d, ww, f in zip(kernels, w2, fields):
-        term = conv(ww * to(np.where(m_np, np.asarray(f, dtype=np.float32), np.float32(0))), d)
-        b = term if b is None else b + term
-    b = b * m
-    if x0 is not None:
-        x = to(np.asarray(x0, dtype=np.float32)) * m
-        r = b - normal(x)
-    else:
-        x = b * 0
-        r = b * 1
-    pdir = r * 1
-    bnorm = float(np.sqrt(dot(b, b))) or 1.0
-    rs = dot(r, r)
-    it = 0
-    rel = float(np.sqrt(rs)) / bnorm
-    while it < int(max_iter) and rel > tol:
-        ap = normal(pdir)
-        alpha = rs / dot(pdir, ap)
-        x = x + alpha * pdir
-        r = r - alpha * ap
-        rs_new = dot(r, r)
-        pdir = r + (rs_new / rs) * pdir
-        rs = rs_new
-        it += 1
-        rel = float(np.sqrt(rs)) / bnorm
-        if log is not None and it % 10 == 0:
-            log(f"CG iteration {it}: relative residual {rel:.2e}")
-    chi = to_numpy(x * m)
-    return chi, {"iterations": it, "relative_residual": float(rel), "converged": bool(rel <= tol)}
+    x, info = cg(system, b, x0_t, tol=float(tol), max_iter=int(max_iter), callback=progress)
+    x = x * m
+    chi = x.detach().cpu().numpy().astype(np.float32) if is_torch(x) else np.asarray(x, dtype=np.float32)
+    rel = float(info.relative_residual)
+    return chi, {"iterations": info.iterations, "relative_residual": rel, "converged": bool(rel <= tol)}

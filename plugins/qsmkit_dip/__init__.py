@@ -19,7 +19,8 @@ torch is imported only when the stage runs (or when :mod:`qsmkit_dip.network` is
 from __future__ import annotations
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit.device import DEVICE_PARAM
+from qsmkit.device import DEVICE_PARAM, resolve_device
+from qsmkit.params import ITERATIONS, max_iter, use_noise_weight
 
 from .fit import DipoleOperator, StoppingRule, dip, working_box
 
@@ -41,7 +42,7 @@ class DIP(Stage):
     description = ("Deep Image Prior: untrained 3D U-Net fitted to the local field through the dipole "
                    "model, self-stopping; no training data (torch)")
     params = (
-        Param("iterations", int, 2000, range=(1, 100000), doc="iteration budget (Adam steps); the fit usually stops earlier"),
+        max_iter(2000, range=(1, 100000), aliases=ITERATIONS, doc="iteration budget (Adam steps); the fit usually stops earlier"),
         Param("min_iterations", int, 100, range=(0, 100000), doc="the stopping rule is not checked before this"),
         Param("early_stop", bool, True, doc="stop when the outputs have settled or start to wander (no ground truth needed)"),
         Param("patience", int, 150, range=(10, 100000), doc="iterations without a better held-out residual before stopping"),
@@ -56,7 +57,7 @@ class DIP(Stage):
         Param("input_noise", float, 0.0, range=(0.0, 1.0), doc="std of the per-step perturbation of z (z has std 0.1)"),
         Param("loss", str, "l2", choices=("l2", "l1"), doc="norm of the masked field residual"),
         Param("tv_weight", float, 0.0, range=(0.0, 10.0), doc="weight of a total-variation term (0: none)"),
-        Param("use_noise_weight", bool, True, doc="weight the residual by noise_weight when that artifact exists"),
+        use_noise_weight(True, doc="weight the residual by noise_weight when that artifact exists"),
         Param("ema", float, 0.98, range=(0.0, 0.9999), doc="decay of the running average of the outputs (the result)"),
         Param("seed", int, 0, range=(0, 2 ** 31 - 1), doc="seed of z, of the initial weights and of the perturbations"),
         DEVICE_PARAM,
@@ -72,19 +73,19 @@ class DIP(Stage):
         nw = ctx["noise_weight"].data if p.use_noise_weight and _has(ctx, "noise_weight") else None
         chi, hist = dip(
             f.data, mask.data, f.voxel_size, f.b0_direction, noise_weight=nw,
-            iterations=p.iterations, min_iterations=p.min_iterations, lr=p.lr, channels=p.channels,
+            iterations=p.max_iter, min_iterations=p.min_iterations, lr=p.lr, channels=p.channels,
             depth=p.depth, input_channels=p.input_channels, skip=p.skip, skip_channels=p.skip_channels,
             input_noise=p.input_noise, loss=p.loss, tv_weight=p.tv_weight, ema=p.ema,
             early_stop=p.early_stop, patience=p.patience, stop_tol=p.stop_tol, holdout=p.holdout, seed=p.seed,
-            device=p.device, amp=p.amp, crop_to_mask=p.crop_to_mask, margin=p.margin,
+            device=resolve_device(p.device), amp=p.amp, crop_to_mask=p.crop_to_mask, margin=p.margin,
             padding=p.padding, log=ctx.log, log_every=p.log_every)
         ctx.log(f"dip: {hist['iterations']} iterations in {hist['seconds']:.1f} s on {hist['device']} "
                 f"({hist['reason']}); result = running average at iteration {hist['best_iteration']}")
-        metrics = dict(ctx["metrics"]) if _has(ctx, "metrics") and isinstance(ctx["metrics"], dict) else {}
-        metrics["dip"] = {k: hist[k] for k in ("iterations", "best_iteration", "stopped", "reason", "device")}
-        metrics["dip"]["seconds"] = round(float(hist["seconds"]), 2)
-        metrics["dip"]["final_relative_residual"] = float(hist["data_loss"][-1]) if hist["data_loss"] else None
-        return {"chi": f.like(chi, units="ppm"), "metrics": metrics}
+        info = {k: hist[k] for k in ("iterations", "best_iteration", "stopped", "reason", "device")}
+        info["seconds"] = round(float(hist["seconds"]), 2)
+        info["final_relative_residual"] = float(hist["data_loss"][-1]) if hist["data_loss"] else None
+        ctx.report_metrics({"dip": info})
+        return {"chi": f.like(chi, units="ppm")}
 
 
 @hookimpl

@@ -10,13 +10,31 @@ output matches the measured local field inside the mask::
 (``p = 2`` or ``1``; ``W`` the optional normalised noise weight; ``M`` the mask). No training
 data and no ground truth are involved: the network's structure is the regulariser, because it
 reproduces smooth, piecewise structures long before it reproduces noise or streaks. Fitting too
-long overfits them, so the loop stops by itself (see :func:`dip`, "Stopping rule").
+long overfits them, so the loop stops by itself (see "Stopping rule" below).
 
-The dipole convolution is the core one: the kernel is :func:`qsmkit.physics.dipole_kernel` on
-the grid :func:`qsmkit.fft.padded_shape` gives (zero padding, same as
-:func:`qsmkit.physics.dipole_convolve`), in its real-FFT half-spectrum form
-(``dipole_kernel(..., rfft=True)``, as the core's ``irfftn(D * rfftn(chi))``), moved to torch
-with ``torch.from_numpy``.
+The dipole convolution is the core one, :class:`qsmkit.operators.Dipole` (real-FFT half
+spectrum on the zero-padded grid of :func:`qsmkit.fft.padded_shape`, in torch and
+differentiable); :class:`DipoleOperator` is that operator with its kernel on the fitting device.
+
+Stopping rule (no ground truth; :class:`StoppingRule`). DIP first reproduces the structure
+that the data determine and only later the noise, streaks and model errors; run too long, it
+overfits them. Two signals are watched every ``check_every`` iterations:
+
+* the held-out residual ``v = ||H (d * m - f)||^2 / ||H f||^2`` of the running average ``m``
+  on the voxels ``H`` (``holdout`` of the mask) that the loss never sees. Their noise is
+  independent of the fitted voxels', so ``v`` falls while the fit generalises and rises once
+  it starts to explain the noise of the fitted voxels (hold-out validation of a single
+  instance, as in DIP self-validation). On noise-free data it keeps falling.
+* the instability ``s = sum(var) / sum(m^2)``, with ``a = 1 - ema``, ``delta = x - m;
+  m += a delta; var = (1 - a)(var + a delta^2)`` updated every step: the squared relative
+  size of the output's recent motion. It falls by orders of magnitude while the structure is
+  built and flattens at a floor set by the optimiser's jitter.
+
+The fit stops when ``v`` has not improved for ``patience`` iterations, or when
+``s < stop_tol`` (settled), and returns the running average of the best iteration (lowest
+``v``). Averaging removes the step-to-step jitter of the raw output, whose error fluctuates
+by several percent between steps. Without hold-out, ``s`` replaces ``v`` as the watched score
+(the ES-WMV criterion with an exponential window, so no window of volumes is stored).
 
 References: Ulyanov, Vedaldi, Lempitsky, Deep Image Prior, CVPR 2018; Li et al., Self-validation:
 early stopping for single-instance deep generative priors (hold-out of measurements); Wang et
@@ -28,13 +46,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, ParameterError, StageError
-from qsmkit.physics import dipole_kernel
+from qsmkit.operators import Dipole, bounding_box
 
 __all__ = ["dip", "DipoleOperator", "StoppingRule", "working_box"]
 
@@ -68,23 +86,20 @@ def working_box(mask: np.ndarray, multiple: int, crop_to_mask: bool = True,
     """
     m = np.asarray(mask, dtype=bool)
     if crop_to_mask:
-        idx = np.nonzero(m)
-        box = tuple(slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + 1 + margin))
-                    for i, n in zip(idx, m.shape))
+        box = bounding_box(m, margin)
     else:
         box = tuple(slice(0, n) for n in m.shape)
     shape = tuple(int(math.ceil((s.stop - s.start) / multiple) * multiple) for s in box)
     return box, shape
 
 
-class DipoleOperator:
-    """Field in ppm of a susceptibility map (ppm) on a fixed grid, in torch, differentiable.
+class DipoleOperator(Dipole):
+    """The core :class:`~qsmkit.operators.Dipole` (half spectrum) with its kernel in torch on ``device``.
 
     ``op(chi)`` equals :func:`qsmkit.physics.dipole_convolve` ``(chi, voxel_size, b0_dir,
-    padding)`` up to float32 round-off: same kernel (:func:`qsmkit.physics.dipole_kernel`),
-    same zero-padded grid (:func:`qsmkit.fft.padded_shape`). Zero padding at the end of each
-    axis instead of around the centre gives the identical cropped result (circular convolution
-    commutes with shifts). The operator is self-adjoint (real even kernel).
+    padding)`` up to float32 round-off; differentiable; self-adjoint (real even kernel).
+    ``op.kernel`` is the torch tensor of :func:`qsmkit.physics.dipole_kernel` ``(..., rfft=True)``
+    on the padded grid.
 
     Parameters
     ----------
@@ -102,22 +117,12 @@ class DipoleOperator:
 
     def __init__(self, shape: Sequence[int], voxel_size: Sequence[float], b0_dir: Sequence[float],
                  padding: float = 1.5, device: Any = "cpu"):
-        import torch
+        super().__init__(shape, voxel_size, b0_dir, padding=padding, rfft=True, device=device)
 
-        self.shape = tuple(int(s) for s in shape)
-        self.padded = qfft.padded_shape(self.shape, padding)
-        half = dipole_kernel(self.padded, voxel_size, b0_dir, rfft=True)
-        self.kernel = torch.from_numpy(np.ascontiguousarray(half, dtype=np.float32)).to(device)
-
-    def __call__(self, chi):
-        """Apply to a real tensor whose last three axes are :attr:`shape`; returns the field."""
-        import torch
-
-        dims = (-3, -2, -1)
-        spec = torch.fft.rfftn(chi, s=self.padded, dim=dims)
-        field = torch.fft.irfftn(spec * self.kernel, s=self.padded, dim=dims)
-        nx, ny, nz = self.shape
-        return field[..., :nx, :ny, :nz]
+    @property
+    def padded(self) -> tuple[int, ...]:
+        """The zero-padded FFT grid."""
+        return self.fft_shape
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -305,33 +310,28 @@ def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
         ``stopped`` (bool), ``reason``, ``best_iteration``, ``seconds``, ``working_shape``,
         ``device``, ``params`` (parameters count).
 
-    Notes
-    -----
-    Stopping rule (no ground truth; :class:`StoppingRule`). DIP first reproduces the structure
-    that the data determine and only later the noise, streaks and model errors; run too long, it
-    overfits them. Two signals are watched every ``check_every`` iterations:
-
-    * the held-out residual ``v = ||H (d * m - f)||^2 / ||H f||^2`` of the running average ``m``
-      on the voxels ``H`` (``holdout`` of the mask) that the loss never sees. Their noise is
-      independent of the fitted voxels', so ``v`` falls while the fit generalises and rises once
-      it starts to explain the noise of the fitted voxels (hold-out validation of a single
-      instance, as in DIP self-validation). On noise-free data it keeps falling.
-    * the instability ``s = sum(var) / sum(m^2)``, with ``a = 1 - ema``, ``delta = x - m;
-      m += a delta; var = (1 - a)(var + a delta^2)`` updated every step: the squared relative
-      size of the output's recent motion. It falls by orders of magnitude while the structure is
-      built and flattens at a floor set by the optimiser's jitter.
-
-    The fit stops when ``v`` has not improved for ``patience`` iterations, or when
-    ``s < stop_tol`` (settled), and returns the running average of the best iteration (lowest
-    ``v``). Averaging removes the step-to-step jitter of the raw output, whose error fluctuates
-    by several percent between steps. Without hold-out, ``s`` replaces ``v`` as the watched score
-    (the ES-WMV criterion with an exponential window, so no window of volumes is stored).
+    The stopping rule (held-out residual, output instability): module docstring, :class:`StoppingRule`.
     """
-    import torch
+    f, m, w = _checked_inputs(field, mask, noise_weight, loss, ema)
+    dev = _resolve(device)
+    t0 = time.perf_counter()
+    prob = _prepare(f, m, w, voxel_size, b0_dir, dev, depth=depth, crop_to_mask=crop_to_mask, margin=margin,
+                    padding=padding, holdout=holdout, seed=seed)
+    cfg = dict(iterations=int(iterations), min_iterations=min_iterations, lr=lr, input_noise=input_noise,
+               loss=loss, tv_weight=tv_weight, ema=ema, early_stop=early_stop, patience=patience,
+               check_every=check_every, stop_tol=stop_tol, amp=bool(amp) and dev.type == "cuda", log=log,
+               log_every=log_every, callback=callback, callback_every=callback_every)
+    net_cfg = dict(input_channels=input_channels, channels=channels, depth=depth, skip=skip,
+                   skip_channels=skip_channels)
+    chi, hist = _fit(prob, dev, int(seed), net_cfg, cfg)
+    hist.update(seconds=time.perf_counter() - t0, working_shape=tuple(prob.shape), device=str(dev),
+                scale_ppm=prob.scale)
+    return chi, hist
 
-    from .network import DIPGenerator, make_noise_input
 
-    # ---------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- steps of dip()
+def _checked_inputs(field, mask, noise_weight, loss, ema):
+    """Validated float32 field, bool mask and the noise weight normalised to mean 1 in the mask (or None)."""
     f = np.asarray(field, dtype=np.float32)
     m = np.asarray(mask) > 0
     if f.ndim != 3:
@@ -356,12 +356,38 @@ def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
         if mw <= 0:
             raise InputDataError("noise_weight is zero everywhere in the mask; drop it or fix it")
         w /= mw
+    return f, m, w
 
-    dev = _resolve(device)
-    use_amp = bool(amp) and dev.type == "cuda"
-    t0 = time.perf_counter()
 
-    # ---------------------------------------------------------------- working grid
+@dataclass
+class _Problem:
+    """The data of one DIP fit on its working grid (torch tensors on the fitting device)."""
+
+    mask: np.ndarray          # full-grid mask
+    box: tuple                # part of the volume on the working grid
+    sub: tuple                # where it lies on the working grid
+    shape: tuple              # working grid
+    scale: float              # field normalisation (ppm)
+    f_w: Any                  # normalised field
+    m_w: Any                  # mask
+    wm_w: Any                 # loss weights (fitted voxels)
+    n_mask: float             # number of fitted voxels
+    hv_w: Any                 # held-out weights (or None)
+    hv_den: float             # held-out field energy
+    op: Any                   # dipole operator
+
+    def to_full(self, t) -> np.ndarray:
+        """Working-grid tensor (normalised) -> full-grid ppm array, zero outside the mask."""
+        out = np.zeros(self.mask.shape, dtype=np.float32)
+        out[self.box] = (t.detach().float().cpu().numpy() * np.float32(self.scale))[self.sub]
+        out[~self.mask] = 0
+        return out
+
+
+def _prepare(f, m, w, voxel_size, b0_dir, dev, *, depth, crop_to_mask, margin, padding, holdout, seed) -> _Problem:
+    """Working grid, normalised field, loss and hold-out weights, and the dipole operator."""
+    import torch
+
     box, wshape = working_box(m, 2 ** int(depth), crop_to_mask, int(margin))
     sub = tuple(slice(0, s.stop - s.start) for s in box)
 
@@ -388,91 +414,127 @@ def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
     wm_t = wm if hold is None else wm * (1 - hold)
     n_mask = float(m.sum()) if hold is None else float(((1 - hold) * to_work(m.astype(np.float32))).sum())
     wm_w = torch.from_numpy(wm_t).to(dev)
+    hv_w, hv_den = None, 0.0
     if hold is not None:
         hv_w = torch.from_numpy(wm * hold).to(dev)
         hv_den = float((hv_w * f_w).square().sum().clamp_min(1e-30))
     op = DipoleOperator(wshape, voxel_size, b0_dir, padding, dev)
+    return _Problem(m, box, sub, tuple(wshape), scale, f_w, m_w, wm_w, n_mask, hv_w, hv_den, op)
+
+
+def _fit(prob: _Problem, dev, seed: int, net_cfg: dict, cfg: dict) -> tuple[np.ndarray, dict]:
+    """The Adam loop with the running average and the stopping rule; returns chi (ppm) and the history."""
+    import torch
+
+    from .network import DIPGenerator, make_noise_input
 
     with _deterministic(dev.type == "cpu"), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        net = DIPGenerator(input_channels, channels, depth, skip, skip_channels).to(dev)
-        z = make_noise_input(wshape, input_channels, seed).to(dev)
-        gen = torch.Generator(device=dev).manual_seed(int(seed) + 1)
-        opt = torch.optim.Adam(net.parameters(), lr=float(lr))
+        torch.manual_seed(seed)
+        net = DIPGenerator(net_cfg["input_channels"], net_cfg["channels"], net_cfg["depth"], net_cfg["skip"],
+                           net_cfg["skip_channels"]).to(dev)
+        z = make_noise_input(prob.shape, net_cfg["input_channels"], seed).to(dev)
+        gen = torch.Generator(device=dev).manual_seed(seed + 1)
+        opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
         n_params = sum(p.numel() for p in net.parameters())
-
-        def to_full(t) -> np.ndarray:
-            out = np.zeros(f.shape, dtype=np.float32)
-            out[box] = (t.detach().float().cpu().numpy() * np.float32(scale))[sub]
-            out[~m] = 0
-            return out
-
-        a = 1.0 - float(ema)
-        avg = torch.zeros(wshape, device=dev)
-        var = torch.zeros(wshape, device=dev)
-        best = None
-        rule = StoppingRule(min_iterations, patience, stop_tol)
-        hist: dict[str, Any] = {"iteration": [], "loss": [], "data_loss": [], "instability": [],
-                                "validation": []}
-        stopped, reason, it = False, "iteration budget used", 0
-        last_log_t, last_log_it = time.perf_counter(), 0
-        for it in range(1, int(iterations) + 1):
-            zin = z if input_noise <= 0 else z + float(input_noise) * torch.randn(
-                z.shape, generator=gen, device=dev)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = net(zin)
-            x = out.float()[0, 0] * m_w
-            r = (op(x) - f_w) * wm_w
-            data = (r.square().sum() if loss == "l2" else r.abs().sum()) / n_mask
-            total = data + tv_weight * _tv(x) if tv_weight > 0 else data
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-
-            total_v, data_v = float(total.detach()), float(data.detach())
-            with torch.no_grad():
-                xd = x.detach()
-                if it == 1:
-                    avg.copy_(xd)
-                else:
-                    delta = xd - avg
-                    avg.add_(delta, alpha=a)
-                    var.mul_(1.0 - a).addcmul_(delta, delta, value=a * (1.0 - a))
-            check = it % check_every == 0 or it == iterations
-            if check:
-                with torch.no_grad():
-                    s = float(var.sum() / avg.square().sum().clamp_min(1e-30))
-                    v = None if hold is None else float(((op(avg) - f_w) * hv_w).square().sum()) / hv_den
-                hist["iteration"].append(it)
-                hist["loss"].append(total_v)
-                hist["data_loss"].append(data_v)
-                hist["instability"].append(s)
-                hist["validation"].append(v)
-                is_best, stop = rule.update(it, s, v)
-                if is_best and early_stop:
-                    best = avg.clone() if best is None else best.copy_(avg)
-                if early_stop and stop:
-                    stopped, reason = True, rule.reason
-            if log is not None and (it % log_every == 0 or stopped or it == iterations):
-                now = time.perf_counter()
-                rate = (it - last_log_it) / max(now - last_log_t, 1e-9)
-                last_log_t, last_log_it = now, it
-                sv = hist["instability"][-1] if hist["instability"] else float("nan")
-                vv = hist["validation"][-1] if hist["validation"] and hist["validation"][-1] is not None else float("nan")
-                log(f"dip {it}/{iterations}  loss {total_v:.3e}  held-out {vv:.3e}  instability {sv:.2e}  "
-                    f"{rate:.2f} it/s")
-            if callback is not None and callback_every and (it % callback_every == 0 or stopped):
-                callback(it, to_full(x), to_full(avg))
-            if stopped:
+        st = _FitState(prob.shape, dev, 1.0 - float(cfg["ema"]),
+                       StoppingRule(cfg["min_iterations"], cfg["patience"], cfg["stop_tol"]))
+        it = 0
+        for it in range(1, cfg["iterations"] + 1):
+            x, total_v, data_v = _step(prob, net, z, gen, opt, dev, cfg)
+            st.update_average(x, it)
+            if it % cfg["check_every"] == 0 or it == cfg["iterations"]:
+                st.check(prob, it, total_v, data_v, cfg["early_stop"])
+            _report(prob, st, it, x, total_v, cfg)
+            if st.stopped:
                 break
-
-        if early_stop and best is not None:  # stopped, or budget used: the best running average
-            result, best_it = best, rule.best_iteration
+        if cfg["early_stop"] and st.best is not None:  # stopped, or budget used: the best running average
+            result, best_it = st.best, st.rule.best_iteration
         else:
-            result, best_it = avg, it
-        chi = to_full(result)
+            result, best_it = st.avg, it
+        chi = prob.to_full(result)
+    st.hist.update(iterations=it, stopped=st.stopped, reason=st.reason, best_iteration=best_it,
+                   params=int(n_params))
+    return chi, st.hist
 
-    hist.update(iterations=it, stopped=stopped, reason=reason, best_iteration=best_it,
-                seconds=time.perf_counter() - t0, working_shape=tuple(wshape), device=str(dev),
-                params=int(n_params), scale_ppm=scale)
-    return chi, hist
+
+def _step(prob: _Problem, net, z, gen, opt, dev, cfg):
+    """One Adam step on the data (+ TV) loss; returns the masked output and the loss values."""
+    import torch
+
+    zin = z if cfg["input_noise"] <= 0 else z + float(cfg["input_noise"]) * torch.randn(
+        z.shape, generator=gen, device=dev)
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
+        out = net(zin)
+    x = out.float()[0, 0] * prob.m_w
+    r = (prob.op(x) - prob.f_w) * prob.wm_w
+    data = (r.square().sum() if cfg["loss"] == "l2" else r.abs().sum()) / prob.n_mask
+    total = data + cfg["tv_weight"] * _tv(x) if cfg["tv_weight"] > 0 else data
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    return x, float(total.detach()), float(data.detach())
+
+
+class _FitState:
+    """Running average and variance of the outputs, history, best iterate and stopping state."""
+
+    def __init__(self, shape, dev, a: float, rule: StoppingRule):
+        import torch
+
+        self.a = a
+        self.avg = torch.zeros(shape, device=dev)
+        self.var = torch.zeros(shape, device=dev)
+        self.best = None
+        self.rule = rule
+        self.hist: dict[str, Any] = {"iteration": [], "loss": [], "data_loss": [], "instability": [],
+                                     "validation": []}
+        self.stopped, self.reason = False, "iteration budget used"
+        self.last_log_t, self.last_log_it = time.perf_counter(), 0
+
+    def update_average(self, x, it: int) -> None:
+        import torch
+
+        a = self.a
+        with torch.no_grad():
+            xd = x.detach()
+            if it == 1:
+                self.avg.copy_(xd)
+            else:
+                delta = xd - self.avg
+                self.avg.add_(delta, alpha=a)
+                self.var.mul_(1.0 - a).addcmul_(delta, delta, value=a * (1.0 - a))
+
+    def check(self, prob: _Problem, it: int, total_v: float, data_v: float, early_stop: bool) -> None:
+        import torch
+
+        with torch.no_grad():
+            s = float(self.var.sum() / self.avg.square().sum().clamp_min(1e-30))
+            v = None if prob.hv_w is None else float(((prob.op(self.avg) - prob.f_w) * prob.hv_w).square().sum()) / prob.hv_den
+        h = self.hist
+        h["iteration"].append(it)
+        h["loss"].append(total_v)
+        h["data_loss"].append(data_v)
+        h["instability"].append(s)
+        h["validation"].append(v)
+        is_best, stop = self.rule.update(it, s, v)
+        if is_best and early_stop:
+            self.best = self.avg.clone() if self.best is None else self.best.copy_(self.avg)
+        if early_stop and stop:
+            self.stopped, self.reason = True, self.rule.reason
+
+
+def _report(prob: _Problem, st: _FitState, it: int, x, total_v: float, cfg: dict) -> None:
+    """Progress line and study callback."""
+    log, iterations = cfg["log"], cfg["iterations"]
+    if log is not None and (it % cfg["log_every"] == 0 or st.stopped or it == iterations):
+        now = time.perf_counter()
+        rate = (it - st.last_log_it) / max(now - st.last_log_t, 1e-9)
+        st.last_log_t, st.last_log_it = now, it
+        h = st.hist
+        sv = h["instability"][-1] if h["instability"] else float("nan")
+        vv = h["validation"][-1] if h["validation"] and h["validation"][-1] is not None else float("nan")
+        log(f"dip {it}/{iterations}  loss {total_v:.3e}  held-out {vv:.3e}  instability {sv:.2e}  "
+            f"{rate:.2f} it/s")
+    cb, every = cfg["callback"], cfg["callback_every"]
+    if cb is not None and every and (it % every == 0 or st.stopped):
+        cb(it, prob.to_full(x), prob.to_full(st.avg))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
+from qsmkit.params import CPU_DEVICE
 from qsmkit.errors import GeometryError, InputDataError, MissingArtifactError, StageError, UnitsError
 
 from .wls import weighted_fit
@@ -29,6 +30,7 @@ class WeightedFit(Stage):
         Param("correct_wraps", bool, True,
               doc="move an echo that lies more than pi from the line through the other echoes by "
                   "2*pi*k and refit (repairs isolated unwrapping errors; needs > 2 echoes)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):

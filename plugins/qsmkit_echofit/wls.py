@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from scipy.special import gammaincinv
 
+from qsmkit.errors import InputDataError, ParameterError
 from qsmkit.physics import GAMMA, rad_per_s_to_ppm
 
 
@@ -69,6 +70,10 @@ def weighted_fit(phase: np.ndarray, magnitude: np.ndarray | None, echo_times: Se
         ``sigma`` (float: noise std in magnitude units for ``magnitude_squared`` weighting, in rad
         for ``uniform``; NaN when it could not be estimated), ``sigma_source`` (str), ``dof``,
         ``n_corrected`` (voxels whose echoes were moved by 2 pi).
+
+    Steps: :func:`_fit_inputs` (phase, weights and scaled echo times of the mask voxels), the
+    normal equations of :class:`_LineFit`, :func:`_correct_wraps`, :func:`_noise_variance` from
+    the residuals, :func:`_field_and_weight` in ppm.
     """
     ph = np.asarray(phase)
     if ph.ndim == 3:
@@ -76,21 +81,44 @@ def weighted_fit(phase: np.ndarray, magnitude: np.ndarray | None, echo_times: Se
     te = np.asarray(echo_times, dtype=np.float64).ravel()
     n_e = ph.shape[3]
     if te.size != n_e:
-        raise ValueError(f"{te.size} echo times for {n_e} echoes")
+        raise InputDataError(f"weighted_fit: {te.size} echo times for {n_e} echoes; give one echo time (s) per echo")
     grid = ph.shape[:3]
     m = np.ones(grid, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     n_par = 2 if fit_offset else 1
     if fit_offset and n_e < 2:
-        raise ValueError("fitting the phase offset needs at least 2 echoes")
+        raise InputDataError("weighted_fit: fitting the phase offset needs at least 2 echoes; "
+                             "give more echoes or set fit_offset=False (assumes phi0 = 0)")
     # centre and scale TE for conditioning (the fit is invariant to it)
     t0 = float(te.mean()) if fit_offset else 0.0
     ts = float(np.max(np.abs(te - t0))) or 1.0
     t = (te - t0) / ts
-
     y = ph[m].astype(np.float64)  # (n, echo)
+    w, scale = _echo_weights(magnitude, m, y, weighting)
+
+    fit = _LineFit(w, y, t, fit_offset)
+    slope, icpt = fit.solve(slice(None))
+    n_corrected = _correct_wraps(fit, slope, icpt) if correct_wraps and n_e > n_par else 0
+    dof = n_e - n_par
+    sigma2_rel, source = _noise_variance(fit, slope, icpt, dof)
+    field_in, nw_in, sigma, source = _field_and_weight(fit, slope, ts, field_strength, sigma2_rel, scale, source)
+    phi0 = icpt - slope * (t0 / ts)  # offset at TE = 0
+
+    field = np.zeros(grid, dtype=np.float32)
+    nw = np.zeros(grid, dtype=np.float32)
+    p0 = np.zeros(grid, dtype=np.float32)
+    field[m] = field_in
+    nw[m] = nw_in
+    p0[m] = phi0
+    return {"field": field, "noise_weight": nw, "phi0": p0, "sigma": sigma, "sigma_source": source,
+            "dof": dof, "n_corrected": n_corrected}
+
+
+def _echo_weights(magnitude, m: np.ndarray, y: np.ndarray, weighting: str) -> tuple[np.ndarray, float]:
+    """Per-voxel echo weights of the mask voxels, scaled to max 1, and that scale."""
     if weighting == "magnitude_squared":
         if magnitude is None:
-            raise ValueError("magnitude_squared weighting needs the magnitude")
+            raise InputDataError("weighted_fit: magnitude_squared weighting needs the magnitude; "
+                                 "give it or use weighting=\"uniform\"")
         mag = np.asarray(magnitude)
         if mag.ndim == 3:
             mag = mag[..., None]
@@ -101,78 +129,101 @@ def weighted_fit(phase: np.ndarray, magnitude: np.ndarray | None, echo_times: Se
         w = np.ones_like(y)
         scale = 1.0
     else:
-        raise ValueError(f"unknown weighting {weighting!r}")
+        raise ParameterError(f"weighted_fit: unknown weighting {weighting!r}; use magnitude_squared or uniform")
+    return w, scale
 
-    # the normal-equation matrix depends on the weights only: compute it once
-    s0 = w.sum(axis=1)
-    s1 = w @ t
-    s2 = w @ (t * t)
-    if fit_offset:
-        det = s0 * s2 - s1 * s1
-        ok = det > 1e-12 * np.maximum(s0 * s2, 1e-300)
-        det = np.where(ok, det, 1.0)
-        var_slope = np.where(ok, s0 / det, np.inf)  # in units of sigma^2 (scaled weights)
-    else:
-        ok = s2 > 0
-        s2 = np.where(ok, s2, 1.0)
-        var_slope = np.where(ok, 1.0 / s2, np.inf)
 
-    def solve(rows) -> tuple[np.ndarray, np.ndarray]:
-        wy = w[rows] * y[rows]
+class _LineFit:
+    """Weighted line fits ``y = a + b t`` of all voxels (rows) at once by the 2x2 normal equations.
+
+    The normal-equation matrix depends on the weights only: it is computed once.
+    """
+
+    def __init__(self, w: np.ndarray, y: np.ndarray, t: np.ndarray, fit_offset: bool):
+        self.w, self.y, self.t, self.fit_offset = w, y, t, fit_offset
+        s0 = w.sum(axis=1)
+        s1 = w @ t
+        s2 = w @ (t * t)
+        if fit_offset:
+            det = s0 * s2 - s1 * s1
+            ok = det > 1e-12 * np.maximum(s0 * s2, 1e-300)
+            det = np.where(ok, det, 1.0)
+            var_slope = np.where(ok, s0 / det, np.inf)  # in units of sigma^2 (scaled weights)
+        else:
+            det = None
+            ok = s2 > 0
+            s2 = np.where(ok, s2, 1.0)
+            var_slope = np.where(ok, 1.0 / s2, np.inf)
+        self.s0, self.s1, self.s2, self.det, self.ok, self.var_slope = s0, s1, s2, det, ok, var_slope
+
+    def solve(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """``(slope, intercept)`` of ``rows`` (0 where the fit is undetermined)."""
+        s0, s1, s2, det, t = self.s0, self.s1, self.s2, self.det, self.t
+        wy = self.w[rows] * self.y[rows]
         y0 = wy.sum(axis=1)
         y1 = wy @ t
-        if fit_offset:
+        if self.fit_offset:
             b = (s0[rows] * y1 - s1[rows] * y0) / det[rows]
             a = (s2[rows] * y0 - s1[rows] * y1) / det[rows]
         else:
             b = y1 / s2[rows]
             a = np.zeros_like(b)
-        good = ok[rows]
+        good = self.ok[rows]
         return np.where(good, b, 0.0), np.where(good, a, 0.0)
 
-    slope, icpt = solve(slice(None))
-    fixed = np.zeros(y.shape[0], dtype=bool)
-    if correct_wraps and n_e > n_par:
-        # An echo that is off by a multiple of 2 pi (a local spatial-unwrapping error) shows in its
-        # leave-one-out residual r_e / (1 - h_e) (h_e: leverage), i.e. the distance of the echo
-        # from the line fitted to the other echoes. Move the worst echo of each voxel by the
-        # nearest multiple of 2 pi when that residual exceeds pi, refit, and repeat.
-        rows = np.flatnonzero(ok)
-        for _ in range(n_e):
-            res = y[rows] - icpt[rows, None] - slope[rows, None] * t[None, :]
-            if fit_offset:
-                lev = w[rows] * (s2[rows, None] - 2 * t[None, :] * s1[rows, None]
-                                 + (t * t)[None, :] * s0[rows, None]) / det[rows, None]
-            else:
-                lev = w[rows] * (t * t)[None, :] / s2[rows, None]
-            loo = res / np.maximum(1.0 - lev, 1e-3)
-            worst = np.argmax(np.abs(loo), axis=1)
-            k = np.round(np.take_along_axis(loo, worst[:, None], axis=1)[:, 0] / (2.0 * np.pi))
-            move = k != 0
-            if not move.any():
-                break
-            rows, worst, k = rows[move], worst[move], k[move]
-            fixed[rows] = True
-            y[rows, worst] -= (2.0 * np.pi) * k
-            slope[rows], icpt[rows] = solve(rows)
 
-    n_corrected = int(fixed.sum())
-    # residual-based noise level (relative to the scaled weights)
-    dof = n_e - n_par
-    sigma2_rel = np.nan
-    source = "none"
+def _correct_wraps(fit: _LineFit, slope: np.ndarray, icpt: np.ndarray) -> int:
+    """Move single echoes off by 2 pi k back onto the line (``fit.y``, ``slope``, ``icpt`` updated in
+    place); returns the number of voxels changed.
+
+    An echo that is off by a multiple of 2 pi (a local spatial-unwrapping error) shows in its
+    leave-one-out residual r_e / (1 - h_e) (h_e: leverage), i.e. the distance of the echo
+    from the line fitted to the other echoes. Move the worst echo of each voxel by the
+    nearest multiple of 2 pi when that residual exceeds pi, refit, and repeat.
+    """
+    y, w, t = fit.y, fit.w, fit.t
+    s0, s1, s2, det = fit.s0, fit.s1, fit.s2, fit.det
+    fixed = np.zeros(y.shape[0], dtype=bool)
+    rows = np.flatnonzero(fit.ok)
+    for _ in range(y.shape[1]):
+        res = y[rows] - icpt[rows, None] - slope[rows, None] * t[None, :]
+        if fit.fit_offset:
+            lev = w[rows] * (s2[rows, None] - 2 * t[None, :] * s1[rows, None]
+                             + (t * t)[None, :] * s0[rows, None]) / det[rows, None]
+        else:
+            lev = w[rows] * (t * t)[None, :] / s2[rows, None]
+        loo = res / np.maximum(1.0 - lev, 1e-3)
+        worst = np.argmax(np.abs(loo), axis=1)
+        k = np.round(np.take_along_axis(loo, worst[:, None], axis=1)[:, 0] / (2.0 * np.pi))
+        move = k != 0
+        if not move.any():
+            break
+        rows, worst, k = rows[move], worst[move], k[move]
+        fixed[rows] = True
+        y[rows, worst] -= (2.0 * np.pi) * k
+        slope[rows], icpt[rows] = fit.solve(rows)
+    return int(fixed.sum())
+
+
+def _noise_variance(fit: _LineFit, slope: np.ndarray, icpt: np.ndarray, dof: int) -> tuple[float, str]:
+    """Residual-based noise variance relative to the scaled weights (NaN without redundant echoes)."""
+    ok = fit.ok
     if dof > 0 and ok.any():
-        res = y - icpt[:, None] - slope[:, None] * t[None, :]
-        q = (w * res * res).sum(axis=1)[ok] / dof
+        res = fit.y - icpt[:, None] - slope[:, None] * fit.t[None, :]
+        q = (fit.w * res * res).sum(axis=1)[ok] / dof
         med = float(np.median(q))
         if med > 0:
-            sigma2_rel = med * dof / _chi2_median(dof)
-            source = "fit residuals"
+            return med * dof / _chi2_median(dof), "fit residuals"
+    return np.nan, "none"
+
+
+def _field_and_weight(fit: _LineFit, slope, ts: float, field_strength: float, sigma2_rel: float, scale: float,
+                      source: str):
+    """``(field ppm, inverse noise std 1/ppm, sigma, sigma source)`` of the mask voxels."""
     # slope is in rad per unit of scaled time: omega = slope / ts (rad/s)
     omega = slope / ts
-    phi0 = icpt - slope * (t0 / ts)  # offset at TE = 0
     field_in = rad_per_s_to_ppm(omega, field_strength)
-    std_omega_rel = np.sqrt(var_slope) / ts  # rad/s per unit relative sigma
+    std_omega_rel = np.sqrt(fit.var_slope) / ts  # rad/s per unit relative sigma
     ppm_per_rad_s = 1.0 / (GAMMA * field_strength * 1e-6)
     if np.isfinite(sigma2_rel):
         std_ppm = np.sqrt(sigma2_rel) * std_omega_rel * ppm_per_rad_s
@@ -186,13 +237,5 @@ def weighted_fit(phase: np.ndarray, magnitude: np.ndarray | None, echo_times: Se
         sigma = float("nan")
         source = "relative (no redundant echoes: median weight 1)"
     with np.errstate(divide="ignore"):
-        nw_in = np.where(ok & np.isfinite(std_ppm) & (std_ppm > 0), 1.0 / std_ppm, 0.0)
-
-    field = np.zeros(grid, dtype=np.float32)
-    nw = np.zeros(grid, dtype=np.float32)
-    p0 = np.zeros(grid, dtype=np.float32)
-    field[m] = field_in
-    nw[m] = nw_in
-    p0[m] = phi0
-    return {"field": field, "noise_weight": nw, "phi0": p0, "sigma": sigma, "sigma_source": source,
-            "dof": dof, "n_corrected": n_corrected}
+        nw_in = np.where(fit.ok & np.isfinite(std_ppm) & (std_ppm > 0), 1.0 / std_ppm, 0.0)
+    return field_in, nw_in, sigma, source

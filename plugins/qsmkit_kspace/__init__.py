@@ -18,7 +18,11 @@ Inputs read from the pipeline: ``kspace`` (path), and optionally ``format`` (``f
 
 Non-Volume artifacts: ``kspace`` is a :class:`KSpaceData`; ``sampling_mask`` a bool ndarray
 broadcastable to ``(H, W)`` (fastMRI column masks are ``(1, W)``); ``maps`` a complex64 ndarray
-``(slices, n_maps, coils, H, W)``.
+``(slices, n_maps, coils, H, W)``. These types, and the ``recon`` base class
+:class:`~qsmkit.kspace.ReconStage`, live in the public core module :mod:`qsmkit.kspace` (documented
+there for plugin authors); the names here are kept for backward compatibility.
+
+Commands (hook ``qsmkit_register_commands``): ``qsmkit simulate-kspace`` (:mod:`.commands`).
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
 from qsmkit.device import DEVICE_PARAM, resolve_device
+from qsmkit.params import ITERATIONS, lam, max_iter, tol
 from qsmkit.errors import ConfigError, GeometryError, InputDataError, MissingArtifactError, ParameterError
 
-from .kdata import KSpaceData, from_volume, to_volume
+from qsmkit.kspace import RECON_PARAMS, KSpaceData, ReconStage, check_sampling_mask, kspace_memory_errors, \
+    require_kspace, to_volume
 
 __all__ = [
-    "KSpaceData", "FastMRIRead", "SkmTeaRead", "RandomUndersample", "EquispacedUndersample",
+    "KSpaceData", "ReconStage", "FastMRIRead", "SkmTeaRead", "RandomUndersample", "EquispacedUndersample",
     "PoissonUndersample", "FileUndersample", "EspiritMaps", "FileMaps", "ZeroFilled", "Sense", "CSWavelet",
     "simulate_kspace_files",
 ]
@@ -49,12 +55,18 @@ def simulate_kspace_files(out_dir, **kwargs) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _kspace(ctx, label: str) -> KSpaceData:
-    kd = ctx["kspace"]
-    if not isinstance(kd, KSpaceData):
-        raise MissingArtifactError(f"stage {label} needs k-space data but 'kspace' is {type(kd).__name__}; "
-                                   f"add a kspace_read stage first")
-    return kd
+_kspace = require_kspace  # older names of the qsmkit.kspace checks
+_mask_2d = check_sampling_mask
+
+
+def _check_file(inputs, p, fmt: str, reader) -> None:
+    """Validation-time check of a k-space reader's input: format, file structure, slice selection."""
+    from .kdata import parse_slices
+
+    _check_format(inputs, fmt)
+    if isinstance(inputs.get("kspace"), Path):
+        with reader(inputs["kspace"]) as f:
+            parse_slices(p.slices if p.slices is not None else inputs.get("slices"), f.n_slices)
 
 
 def _check_format(ctx, want: str) -> None:
@@ -72,20 +84,6 @@ def _source_path(ctx) -> Path:
     if not isinstance(src, (str, Path)):
         raise ConfigError(f"inputs.kspace must be a file path, got {type(src).__name__}")
     return Path(src)
-
-
-def _mask_2d(mask: Any, kd: KSpaceData, where: str) -> np.ndarray:
-    """Validate a sampling mask against the k-space grid: bool ``(H|1, W|1)`` or ``(S, H|1, W|1)``."""
-    m = np.asarray(mask)
-    H, W = kd.image_shape
-    if m.ndim == 1:
-        m = m[None, :]
-    ok = m.ndim in (2, 3) and m.shape[-2] in (1, H) and m.shape[-1] in (1, W) and (
-        m.ndim == 2 or m.shape[0] in (1, kd.n_slices))
-    if not ok:
-        raise GeometryError(f"{where}: sampling mask of shape {np.shape(mask)} does not match the k-space slices "
-                            f"({kd.n_slices} x {H} x {W}); a column mask must have {W} entries")
-    return m != 0
 
 
 def _apply_mask(kd: KSpaceData, m: np.ndarray) -> KSpaceData:
@@ -111,6 +109,12 @@ class FastMRIRead(Stage):
     params = (_SLICES,
               Param("target_key", str, "auto", doc="reference dataset: auto (reconstruction_rss / _esc) or a name"),
               _VOXEL)
+
+    @classmethod
+    def check_inputs(cls, inputs, p):
+        from .fastmri import FastMRIFile
+
+        _check_file(inputs, p, "fastmri", FastMRIFile)
 
     def run(self, ctx, p):
         from .fastmri import read_fastmri
@@ -143,6 +147,12 @@ class SkmTeaRead(Stage):
               Param("echo", int, None, range=(0, 16), doc="echo index (default inputs.echo or 0)"),
               Param("load_maps", bool, True, doc="also read the stored sensitivity maps"),
               _VOXEL)
+
+    @classmethod
+    def check_inputs(cls, inputs, p):
+        from .skmtea import SkmTeaFile
+
+        _check_file(inputs, p, "skmtea", SkmTeaFile)
 
     def run(self, ctx, p):
         from .skmtea import read_skmtea
@@ -188,7 +198,9 @@ class _Undersample(Stage):
         H, W = kd.image_shape
         frac = float(np.broadcast_to(m if m.ndim == 2 else m[0], (H, W)).mean())
         ctx.log(f"sampling mask {m.shape}: {frac * 100:.1f}% of k-space, acceleration {1 / max(frac, 1e-12):.2f}")
-        return {"kspace": _apply_mask(kd, m), "sampling_mask": m}
+        with kspace_memory_errors(f"undersample/{self.name}", kd.data.shape, kd.source):
+            masked = _apply_mask(kd, m)
+        return {"kspace": masked, "sampling_mask": m}
 
 
 def _fastmri_seed(kd: KSpaceData, p):
@@ -306,8 +318,8 @@ class EspiritMaps(Stage):
               Param("crop", float, 0.8, range=(0.0, 1.0), doc="zero the maps where the eigenvalue <= crop (BART -c)"),
               Param("softcrop", bool, False, doc="BART's soft S-curve weighting instead of a hard crop"),
               Param("maps", int, 1, range=(1, 2), doc="number of sets of maps"),
-              Param("iterations", int, 30, range=(1, 1000), doc="maximum power iterations per voxel"),
-              Param("tol", float, 1e-4, range=(0.0, 1.0), doc="stop when eigenvalues change less than this"),
+              max_iter(30, range=(1, 1000), aliases=ITERATIONS, doc="maximum power iterations per voxel"),
+              tol(1e-4, range=(0.0, 1.0), doc="stop when eigenvalues change less than this"),
               DEVICE_PARAM)
 
     def run(self, ctx, p):
@@ -320,8 +332,9 @@ class EspiritMaps(Stage):
         if mask is not None and mask.ndim == 3:
             mask = mask.all(axis=0)
         dev = resolve_device(p.device)
-        maps, eig = espirit_maps(kd.data, mask, tuple(p.calib), p.kernel, p.threshold, p.crop, p.maps,
-                                 p.iterations, p.tol, p.softcrop, dev, log=ctx.log)
+        with kspace_memory_errors("coil_maps/espirit", kd.data.shape, kd.source):
+            maps, eig = espirit_maps(kd.data, mask, tuple(p.calib), p.kernel, p.threshold, p.crop, p.maps,
+                                     p.max_iter, p.tol, p.softcrop, dev, log=ctx.log)
         from . import espirit as _esp
 
         if _esp.last_iterations:
@@ -329,6 +342,27 @@ class EspiritMaps(Stage):
         inside = float((eig[:, 0] > p.crop).mean())
         ctx.log(f"ESPIRiT maps {maps.shape}: {inside * 100:.1f}% of voxels kept (eigenvalue > {p.crop})")
         return {"maps": maps}
+
+
+def _check_maps_dataset(ds, path: Path, name: str, kd: KSpaceData) -> None:
+    """A maps dataset ``(x, y, z, coil, nmaps)`` checked against the file, the k-space and memory before reading."""
+    import h5py
+
+    from .h5limits import check_dataset, check_memory
+
+    if not isinstance(ds, h5py.Dataset):
+        raise InputDataError(f"{path.name}: '{name}' is a group, not a dataset; set params.dataset")
+    shape = check_dataset(ds, path, name)
+    if len(shape) != 5:
+        raise InputDataError(f"{path.name}: {name} has shape {shape}; expected (x, y, z, coil, nmaps)")
+    H, W = kd.image_shape
+    # skm-tea: maps[x] is (y, z, coil, nmaps); fastMRI-like grid: maps[:, :, slice] is (H, W, coil, nmaps)
+    n_axis, grid = (0, shape[1:4]) if kd.layout == "skmtea" else (2, (shape[0], shape[1], shape[3]))
+    if tuple(grid) != (H, W, kd.n_coils) or max(kd.slice_indices) >= shape[n_axis]:
+        raise GeometryError(f"{path.name}: {name} of shape {shape} does not match the k-space {kd.data.shape} "
+                            f"(slices {min(kd.slice_indices)}..{max(kd.slice_indices)} of the file)")
+    check_memory(2 * kd.n_slices * shape[4] * kd.n_coils * H * W * 8, path,
+                 f"the maps of {kd.n_slices} slice(s) from {name} {shape}", kd.n_slices)
 
 
 class FileMaps(Stage):
@@ -356,8 +390,7 @@ class FileMaps(Stage):
                 if p.dataset not in f:
                     raise InputDataError(f"{path.name} has no '{p.dataset}' dataset; set params.dataset")
                 ds = f[p.dataset]
-                if ds.ndim != 5:
-                    raise InputDataError(f"{path.name}: {p.dataset} has shape {ds.shape}; expected (x, y, z, coil, nmaps)")
+                _check_maps_dataset(ds, path, p.dataset, kd)
                 if kd.layout == "skmtea":
                     maps = np.stack([np.transpose(ds[int(i)], (3, 2, 0, 1)) for i in kd.slice_indices])
                 else:  # fastMRI-like grid: (H, W, slice, coil, nmaps)
@@ -370,79 +403,16 @@ class FileMaps(Stage):
 
 
 # -------------------------------------------------------------------------------------------- recon
-_COMMON_RECON = (
-    Param("crop", bool, True, doc="centre crop to the header's recon size (image space)"),
-    Param("complex_output", str, "none", choices=("none", "real_imag", "4d"),
-          doc="also write the complex image: image_real + image_imag, or image_complex (x, y, z, 2)"),
-    Param("batch_slices", int, 8, range=(1, 4096), doc="slices reconstructed together"),
-)
+_COMMON_RECON = RECON_PARAMS  # crop, complex_output, batch_slices (qsmkit.kspace)
 
 
-class _Recon(Stage):
-    kind = "recon"
-    reads = ("kspace",)
-    optional_reads = ("sampling_mask", "maps", "target")
-    writes = ("image",)
-    optional_writes = ("image_real", "image_imag", "image_complex")  # complex_output; metrics with a target
-    needs_maps = True
+class _Recon(ReconStage):
+    """The built-in recon methods: :class:`qsmkit.kspace.ReconStage` that reports the fastMRI metrics."""
 
-    def reconstruct(self, y, maps, mask, p, ctx):  # pragma: no cover - interface
-        """Normalised k-space batch -> complex image batch (S, M, H, W) (torch)."""
-        raise NotImplementedError
+    def evaluate(self, image, target, kd):
+        from .metrics import evaluate_volume
 
-    def run(self, ctx, p):
-        import torch
-
-        from .sense import mask_tensor
-        from .transforms import center_crop, normalization_scale
-
-        label = f"recon/{self.name}"
-        kd = _kspace(ctx, label)
-        if p.complex_output != "none" and getattr(self, "_magnitude_only", False):
-            raise ParameterError(f"{label}: complex_output needs a complex image; use combine: maps")
-        mask = _mask_2d(ctx["sampling_mask"], kd, label) if "sampling_mask" in ctx else None
-        maps = None
-        if "maps" in ctx and not getattr(self, "_magnitude_only", False):
-            maps = np.asarray(ctx["maps"])
-            if maps.ndim != 5 or maps.shape[0] != kd.n_slices or maps.shape[2:] != (kd.n_coils,) + kd.image_shape:
-                raise GeometryError(f"{label}: maps {maps.shape} do not match the k-space {kd.data.shape}")
-        elif self.needs_maps and getattr(p, "combine", "maps") == "maps":
-            raise MissingArtifactError(f"stage {label} needs 'maps'; add a coil_maps stage (espirit) before it")
-        dev = resolve_device(p.device)
-        scale = normalization_scale(kd.data, mask) if getattr(p, "normalize", True) else 1.0
-        S = kd.n_slices
-        H, W = kd.image_shape
-        crop = kd.crop_size if p.crop else None
-        self._crop = crop
-        images = []
-        for s0 in range(0, S, p.batch_slices):
-            sl = slice(s0, min(S, s0 + p.batch_slices))
-            y = torch.from_numpy(np.ascontiguousarray(kd.data[sl])).to(dev) / scale
-            mk = mask_tensor(mask if mask is None or mask.ndim == 2 else mask[sl], y.shape[0], (H, W), dev)
-            mp = torch.from_numpy(np.ascontiguousarray(maps[sl])).to(dev) if maps is not None else None
-            with torch.no_grad():
-                x = self.reconstruct(y * mk, mp, mk, p, ctx)
-            images.append(center_crop(x, crop).cpu().numpy() * scale)
-        img = np.concatenate(images).astype(np.complex64)  # (S, M, h, w)
-        mag = np.sqrt(np.sum(np.abs(img) ** 2, axis=1)).astype(np.float32)
-        out: dict[str, Any] = {"image": to_volume(mag, kd, units="a.u.", recon=self.name)}
-        if p.complex_output != "none":
-            c = img[:, 0]
-            if p.complex_output == "real_imag":
-                out["image_real"] = to_volume(c.real.astype(np.float32), kd, units="a.u.")
-                out["image_imag"] = to_volume(c.imag.astype(np.float32), kd, units="a.u.")
-            else:
-                out["image_complex"] = to_volume(np.stack([c.real, c.imag], axis=-1).astype(np.float32), kd,
-                                                 units="a.u.", components="real,imag")
-        if "target" in ctx:
-            from .metrics import evaluate_volume
-
-            gt = from_volume(ctx["target"], kd).astype(np.float32)
-            pred = center_crop(mag, gt.shape[-2:])
-            m = evaluate_volume(gt, pred, square_crop=kd.layout == "fastmri")
-            ctx.log(f"NMSE {m['nmse']:.4g}  PSNR {m['psnr']:.2f} dB  SSIM {m['ssim']:.4f}")
-            out["metrics"] = m
-        return out
+        return evaluate_volume(target, image, square_crop=kd.layout == "fastmri")
 
 
 class ZeroFilled(_Recon):
@@ -481,16 +451,16 @@ class Sense(_Recon):
     reads = ("kspace", "maps")
     description = "CG-SENSE (Pruessmann 2001) with optional Tikhonov regularisation, torch, batched slices"
     params = _COMMON_RECON + (
-        Param("iterations", int, 30, range=(1, 10000), doc="maximum CG iterations"),
-        Param("tol", float, 1e-6, range=(0.0, 1.0), doc="relative residual to stop at (0: run all iterations)"),
-        Param("lambda", float, 0.0, range=(0.0, 1e6), doc="Tikhonov weight (normalised data: image max ~1)"),
+        max_iter(30, range=(1, 10000), aliases=ITERATIONS, doc="maximum CG iterations"),
+        tol(1e-6, range=(0.0, 1.0), doc="relative residual to stop at (0: run all iterations)"),
+        lam(0.0, range=(0.0, 1e6), doc="Tikhonov weight (normalised data: image max ~1)"),
         Param("normalize", bool, True, doc="divide k-space by the max of the zero-filled image (undone on output)"),
         DEVICE_PARAM)
 
     def reconstruct(self, y, maps, mask, p, ctx):
         from .sense import cg_sense
 
-        x, _ = cg_sense(y, maps, mask, p.iterations, p.tol, p["lambda"], log=ctx.log)
+        x, _ = cg_sense(y, maps, mask, p.max_iter, p.tol, p.lam, log=ctx.log)
         return x
 
 
@@ -501,8 +471,8 @@ class CSWavelet(_Recon):
     reads = ("kspace", "maps")
     description = "L1-wavelet CS-SENSE with FISTA or POGM (orthogonal wavelets from PyWavelets / ptwt)"
     params = _COMMON_RECON + (
-        Param("lambda", float, 0.002, range=(0.0, 1e3), doc="L1 weight (normalised data: image max ~1)"),
-        Param("iterations", int, 30, range=(1, 10000), doc="solver iterations"),
+        lam(0.002, range=(0.0, 1e3), doc="L1 weight (normalised data: image max ~1)"),
+        max_iter(30, range=(1, 10000), aliases=ITERATIONS, doc="solver iterations"),
         Param("solver", str, "fista", choices=("fista", "pogm"), doc="proximal gradient method"),
         Param("restart", bool, True, doc="gradient restart of the momentum (O'Donoghue & Candes)"),
         Param("wavelet", str, "db4", doc="orthogonal wavelet (PyWavelets name)"),
@@ -514,7 +484,7 @@ class CSWavelet(_Recon):
     def reconstruct(self, y, maps, mask, p, ctx):
         from .cs import cs_wavelet
 
-        return cs_wavelet(y, maps, mask, p["lambda"], p.iterations, p.solver, p.wavelet, p.levels, p.backend,
+        return cs_wavelet(y, maps, mask, p.lam, p.max_iter, p.solver, p.wavelet, p.levels, p.backend,
                           p.restart, log=ctx.log)
 
 
@@ -526,3 +496,12 @@ STAGES = (FastMRIRead, SkmTeaRead, RandomUndersample, EquispacedUndersample, Poi
 def qsmkit_register_stages(registry):
     for st in STAGES:
         registry.add(st)
+
+
+@hookimpl
+def qsmkit_register_commands(cli):
+    """``qsmkit simulate-kspace`` (see :mod:`qsmkit_kspace.commands`)."""
+    from .commands import COMMANDS
+
+    for cmd in COMMANDS:
+        cli.add_command(cmd)

@@ -11,6 +11,9 @@ Layout (https://github.com/facebookresearch/fastMRI, ``fastmri/data/mri_data.py`
 - ``mask``: ``(W,)`` column mask of test/challenge files, with attributes ``acceleration`` and
   ``num_low_frequencies``; file attributes ``max``, ``norm``, ``acquisition``, ``patient_id``.
 
+Every dataset's claimed shape is checked against the file and the available memory before it is
+read (:mod:`.h5limits`).
+
 The k-space centre / padding follow fastMRI's ``SliceDataset._retrieve_metadata``::
 
     padding_left  = encoded_y // 2 - encoding_limits_step1.center
@@ -20,13 +23,16 @@ The k-space centre / padding follow fastMRI's ``SliceDataset._retrieve_metadata`
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from math import prod
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from qsmkit.errors import InputDataError
+from qsmkit.kspace import kspace_memory_errors
 
+from .h5limits import check_dataset, check_image_axes, check_memory, format_bytes
 from .kdata import KSpaceData, parse_slices
 
 __all__ = ["parse_ismrmrd_header", "FastMRIFile", "read_fastmri", "open_h5"]
@@ -175,7 +181,7 @@ class FastMRIFile(H5Reader):
             have = ", ".join(sorted(f.keys())) or "nothing"
             raise InputDataError(f"{name} has no 'kspace' dataset (it holds {have}); is it a fastMRI file?")
         ds = f["kspace"]
-        shape = tuple(ds.shape)
+        shape = check_dataset(ds, self.path, "kspace")
         self._pairs = False  # real/imag stored in a trailing axis of 2
         if ds.dtype.kind != "c":
             if ds.dtype.kind == "f" and shape and shape[-1] == 2:
@@ -192,7 +198,7 @@ class FastMRIFile(H5Reader):
         self.kspace_shape = shape
         self.header: dict[str, Any] = {}
         if "ismrmrd_header" in f:
-            self.header = parse_ismrmrd_header(f["ismrmrd_header"][()])
+            self.header = parse_ismrmrd_header(self._small_dataset("ismrmrd_header")[()])
         self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
         if self.multicoil:
             s, c, h, w = shape
@@ -203,17 +209,43 @@ class FastMRIFile(H5Reader):
                 raise InputDataError(
                     f"{name}: kspace shape {shape} looks like (slices, H, W, coils); fastMRI stores "
                     f"(slices, coils, H, W) - transpose the array (e.g. np.moveaxis(k, -1, 1)) before writing")
+        check_image_axes(self.path, "kspace", ds.shape,
+                         "(slices, coils, H, W)" if self.multicoil else "(slices, H, W)", shape[-2], shape[-1])
         self.n_slices = int(shape[0])
         self.image_shape = (int(shape[-2]), int(shape[-1]))
         if "mask" in f:
-            m = np.asarray(f["mask"][()])
-            if m.ndim != 1 or m.shape[0] != self.image_shape[1]:
+            mds = self._small_dataset("mask")
+            if mds.ndim != 1 or mds.shape[0] != self.image_shape[1]:
                 raise InputDataError(
-                    f"{name}: mask has shape {m.shape} but kspace has {self.image_shape[1]} columns; "
+                    f"{name}: mask has shape {mds.shape} but kspace has {self.image_shape[1]} columns; "
                     f"the mask must be ({self.image_shape[1]},)")
-            self.mask: np.ndarray | None = m != 0
+            self.mask: np.ndarray | None = np.asarray(mds[()]) != 0
         else:
             self.mask = None
+
+    def _small_dataset(self, key: str, limit: int = 64 << 20):
+        """A dataset read whole (header, mask): checked, and refused above ``limit`` bytes."""
+        import h5py
+
+        ds = self._f[key]
+        if not isinstance(ds, h5py.Dataset):
+            raise InputDataError(f"{self.path.name}: '{key}' is a group, not a dataset; the file is not a fastMRI file")
+        shape = check_dataset(ds, self.path, key)
+        if ds.size * ds.dtype.itemsize > limit:
+            raise InputDataError(f"{self.path.name}: dataset '{key}' claims shape {shape} "
+                                 f"({format_bytes(ds.size * ds.dtype.itemsize)}); far too large for a fastMRI {key}")
+        return ds
+
+    def read_nbytes(self, n_slices: int, target_key: str = "auto") -> int:
+        """Memory that reading ``n_slices`` slices (k-space complex64 and the reference float32) allocates."""
+        coils = self.kspace_shape[1] if self.multicoil else 1
+        n = n_slices * coils * self.image_shape[0] * self.image_shape[1] * 8
+        k = self.target_key(target_key)
+        if k is not None:
+            ds = self._f[k]
+            shape = check_dataset(ds, self.path, k)
+            n += n_slices * prod(shape[1:]) * (4 + ds.dtype.itemsize)  # float32 result + one slice read at a time
+        return n
 
     @property
     def padding(self) -> tuple[int, int] | None:
@@ -223,13 +255,19 @@ class FastMRIFile(H5Reader):
 
     def target_key(self, key: str = "auto") -> str | None:
         """The reference image dataset (``reconstruction_rss`` multi-coil, ``_esc`` single-coil)."""
+        import h5py
+
         if key != "auto":
             if key not in self._f:
                 raise InputDataError(f"{self.path.name} has no '{key}' dataset; use target_key: auto")
-            return key
-        order = ("reconstruction_rss", "reconstruction_esc") if self.multicoil else (
-            "reconstruction_esc", "reconstruction_rss")
-        return next((k for k in order if k in self._f), None)
+            found: str | None = key
+        else:
+            order = ("reconstruction_rss", "reconstruction_esc") if self.multicoil else (
+                "reconstruction_esc", "reconstruction_rss")
+            found = next((k for k in order if k in self._f), None)
+        if found is not None and not isinstance(self._f[found], h5py.Dataset):
+            raise InputDataError(f"{self.path.name}: '{found}' is a group, not a reference image dataset (slices, h, w)")
+        return found
 
     def voxel_size(self) -> tuple[float, float, float]:
         """mm of the image grid (H, W, slice): encoded FOV / encoded matrix in-plane, recon FOV z / recon z."""
@@ -305,8 +343,11 @@ def read_fastmri(path: str | Path, slices: Any = None, target_key: str = "auto",
     """
     with FastMRIFile(path) as fm:
         idx = parse_slices(slices, fm.n_slices)
-        k = fm.read_kspace(idx)
-        target = fm.read_target(idx, target_key)
+        check_memory(fm.read_nbytes(len(idx), target_key), fm.path,
+                     f"{len(idx)} slice(s) of kspace {fm.kspace_shape}", len(idx))
+        with kspace_memory_errors("kspace_read/fastmri", fm.kspace_shape, fm.path, len(idx)):
+            k = fm.read_kspace(idx)
+            target = fm.read_target(idx, target_key)
         header = dict(fm.header)
         header["attrs"] = fm.attrs
         header["multicoil"] = fm.multicoil

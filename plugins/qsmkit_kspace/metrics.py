@@ -1,4 +1,5 @@
-"""fastMRI evaluation metrics, computed exactly as ``fastmri/evaluate.py``.
+"""fastMRI evaluation metrics, computed exactly as ``fastmri/evaluate.py``: thin wrappers on
+:mod:`qsmkit.metrics` (the one metrics module; same argument order, truth first: ``(gt, pred)``).
 
 - ``nmse = ||gt - pred||^2 / ||gt||^2`` over the volume;
 - ``psnr``: scikit-image's ``peak_signal_noise_ratio`` with ``data_range = gt.max()``
@@ -7,8 +8,8 @@
   (7 x 7 uniform window, sample covariance, K1 = 0.01, K2 = 0.03, 3-pixel border left out)
   and ``data_range = gt.max()`` of the volume.
 
-The arithmetic (dtypes, order of operations, ``scipy.ndimage.uniform_filter``) mirrors
-scikit-image so that the numbers agree to float rounding without depending on it.
+The core functions run with ``precision="input"`` (float32 images stay float32, as in
+scikit-image), so the numbers agree with fastMRI's to float rounding without depending on it.
 Volumes are ``(slices, H, W)`` magnitude images, already centre-cropped in image space.
 """
 
@@ -16,66 +17,21 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsmkit import metrics as _core
 from qsmkit.errors import GeometryError
 
 __all__ = ["nmse", "psnr", "ssim", "evaluate_volume"]
 
 
-def _float_type(*arrays: np.ndarray):
-    dt = np.result_type(*[a.dtype for a in arrays])
-    if dt.kind == "f" and dt.itemsize <= 2:
-        return np.float32
-    if dt == np.float32:
-        return np.float32
-    if dt.kind == "c":
-        raise GeometryError("metrics take magnitude (real) images; take np.abs() first")
-    return np.float64
-
-
 def nmse(gt: np.ndarray, pred: np.ndarray) -> float:
     """Normalised mean squared error ``||gt - pred||^2 / ||gt||^2`` (fastMRI ``evaluate.nmse``)."""
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    return float(np.array(np.linalg.norm(gt - pred) ** 2 / np.linalg.norm(gt) ** 2))
+    return _core.nmse(np.asarray(gt), np.asarray(pred), precision="input")
 
 
 def psnr(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
     """Peak signal-to-noise ratio in dB with ``data_range = gt.max()`` (fastMRI ``evaluate.psnr``)."""
     gt, pred = np.asarray(gt), np.asarray(pred)
-    if maxval is None:
-        maxval = gt.max()
-    ft = _float_type(gt, pred)
-    g, p = np.asarray(gt, dtype=ft), np.asarray(pred, dtype=ft)
-    err = np.mean((g - p) ** 2, dtype=np.float64)
-    data_range = float(maxval)
-    return float(10 * np.log10((data_range ** 2) / err))
-
-
-def _ssim2d(im1: np.ndarray, im2: np.ndarray, data_range: float, win_size: int = 7,
-            k1: float = 0.01, k2: float = 0.03) -> float:
-    from scipy.ndimage import uniform_filter
-
-    ft = _float_type(im1, im2)
-    im1 = im1.astype(ft, copy=False)
-    im2 = im2.astype(ft, copy=False)
-    ndim = im1.ndim
-    n_p = win_size ** ndim
-    cov_norm = n_p / (n_p - 1)
-    ux = uniform_filter(im1, size=win_size)
-    uy = uniform_filter(im2, size=win_size)
-    uxx = uniform_filter(im1 * im1, size=win_size)
-    uyy = uniform_filter(im2 * im2, size=win_size)
-    uxy = uniform_filter(im1 * im2, size=win_size)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    r = data_range
-    c1 = (k1 * r) ** 2
-    c2 = (k2 * r) ** 2
-    a1, a2, b1, b2 = (2 * ux * uy + c1, 2 * vxy + c2, ux ** 2 + uy ** 2 + c1, vx + vy + c2)
-    d = b1 * b2
-    s = (a1 * a2) / d
-    pad = (win_size - 1) // 2
-    return float(s[pad:s.shape[0] - pad, pad:s.shape[1] - pad].mean(dtype=np.float64))
+    return _core.psnr(gt, pred, data_range=gt.max() if maxval is None else maxval, precision="input")
 
 
 def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float:
@@ -90,7 +46,7 @@ def ssim(gt: np.ndarray, pred: np.ndarray, maxval: float | None = None) -> float
     maxval = gt.max() if maxval is None else maxval
     total = np.array([0])
     for i in range(gt.shape[0]):
-        total = total + _ssim2d(gt[i], pred[i], data_range=maxval)
+        total = total + _core.ssim(gt[i], pred[i], data_range=maxval, win_size=7, precision="input")
     return float((total / gt.shape[0])[0])
 
 

@@ -6,8 +6,9 @@ sampling mask. The normal operator ``A^H A`` only transforms along the axes on w
 mask varies: for fastMRI column masks ``F^H P F = F_W^H P F_W`` (the readout FFTs cancel), and
 for full sampling ``A^H A = sum_c |S_c|^2``.
 
-CG-SENSE solves ``(A^H A + lambda I) x = A^H y`` with conjugate gradients per slice (scalars
-per slice, so all slices of a batch iterate together and converged slices are frozen).
+CG-SENSE solves ``(A^H A + lambda I) x = A^H y`` with the core conjugate gradients
+(:func:`qsmkit.operators.cg`, batched: scalars per slice, so all slices of a batch iterate
+together and converged slices are frozen). :class:`SenseOp` is a core :class:`~qsmkit.operators.Linop`.
 """
 
 from __future__ import annotations
@@ -16,34 +17,19 @@ from typing import Callable
 
 import numpy as np
 
+from qsmkit.kspace.arrays import mask_tensor
+from qsmkit.operators import Identity, Linop, cg, is_torch
+
 from .transforms import fft2c, ifft2c
 
 __all__ = ["SenseOp", "cg_sense", "mask_tensor"]
 
 
-def mask_tensor(mask: np.ndarray | None, n_slices: int, image_shape, device):
-    """Sampling mask as a float32 tensor broadcastable to ``(S, C, H, W)``: ``(S|1, 1, H|1, W|1)``."""
-    import torch
+class SenseOp(Linop):
+    """Batched multi-coil SENSE operator (a core :class:`~qsmkit.operators.Linop`).
 
-    if mask is None:
-        return torch.ones((1, 1, 1, 1), device=device)
-    m = np.asarray(mask) != 0
-    if m.ndim == 1:
-        m = m[None, :]
-    if m.ndim == 2:
-        m = m[None]
-    # collapse axes along which the mask is constant (cheaper broadcasting and FFTs)
-    if m.shape[1] > 1 and (m == m[:, :1, :]).all():
-        m = m[:, :1, :]
-    if m.shape[2] > 1 and (m == m[:, :, :1]).all():
-        m = m[:, :, :1]
-    if m.shape[0] > 1 and (m == m[:1]).all():
-        m = m[:1]
-    return torch.from_numpy(m.astype(np.float32)[:, None]).to(device)
-
-
-class SenseOp:
-    """Batched multi-coil SENSE operator.
+    ``apply`` (alias ``forward``): image ``(S, M, H, W)`` -> masked k-space ``(S, C, H, W)``;
+    ``adjoint``; ``normal`` with FFTs only along the axes the mask varies on.
 
     Parameters
     ----------
@@ -56,6 +42,8 @@ class SenseOp:
     def __init__(self, maps, mask):
         import torch
 
+        S, M, C, H, W = maps.shape
+        super().__init__((S, M, H, W), (S, C, H, W), np.complex64)
         self.maps = maps
         self.maps_conj = maps.conj()
         self.mask = mask
@@ -106,18 +94,26 @@ class SenseOp:
         """Coil images ``(S, C, H, W)`` -> ``sum_c conj(S_c) c`` ``(S, M, H, W)``."""
         return (self.maps_conj * c.unsqueeze(1)).sum(2)
 
-    def forward(self, x):
+    def apply(self, x):
         """``A x``: image ``(S, M, H, W)`` -> masked k-space ``(S, C, H, W)``."""
+        if not is_torch(x):
+            return self.apply(_tensor(x)).numpy()
         return fft2c(self.coils(x)) * self.mask
+
+    forward = apply
 
     def adjoint(self, y):
         """``A^H y``: k-space ``(S, C, H, W)`` -> image ``(S, M, H, W)``."""
+        if not is_torch(y):
+            return self.adjoint(_tensor(y)).numpy()
         return self.combine(ifft2c(y * self.mask))
 
     def normal(self, x):
         """``A^H A x`` with FFTs only along the axes the mask varies on (and only on rows with maps)."""
         import torch
 
+        if not is_torch(x):
+            return self.normal(_tensor(x)).numpy()
         xr = x[..., self.rows, :] if self.rows != slice(None) else x
         c = (self._maps_r * xr.unsqueeze(2)).sum(1)
         if not self.fully_sampled:
@@ -137,10 +133,27 @@ class SenseOp:
         """Upper bound of ``||A^H A||`` per slice: ``max_x sum_{m,c} |S_{m,c}(x)|^2`` (mask <= 1)."""
         return (self.maps.abs() ** 2).sum(dim=(1, 2)).amax(dim=(-2, -1))
 
+    @classmethod
+    def examples(cls):
+        import torch
 
-def _dot(a, b):
-    """Per-slice real inner product ``Re <a, b>`` over all but the first axis."""
-    return (a.conj() * b).real.reshape(a.shape[0], -1).sum(-1)
+        rng = np.random.default_rng(21)
+        S, M, C, H, W = 2, 1, 3, 8, 6
+
+        def crandn(*shape):
+            return torch.from_numpy((rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64))
+
+        maps = crandn(S, M, C, H, W)
+        maps[..., :2, :] = 0  # empty rows: the normal operator skips them
+        cols = rng.random((1, W)) < 0.5
+        return [cls(maps, mask_tensor(cols, S, (H, W), "cpu")), cls(crandn(1, 2, C, 7, 5), mask_tensor(None, 1, (7, 5), "cpu")),
+                cls(crandn(1, 1, 2, H, W), mask_tensor(rng.random((H, W)) < 0.4, 1, (H, W), "cpu"))]
+
+
+def _tensor(x):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def cg_sense(kspace, maps, mask, iterations: int = 30, tol: float = 1e-6, lam: float = 0.0,
@@ -158,7 +171,7 @@ def cg_sense(kspace, maps, mask, iterations: int = 30, tol: float = 1e-6, lam: f
     iterations : int
         Maximum CG iterations.
     tol : float
-        Stop a slice when ``||r|| / ||A^H y|| < tol`` (0 runs all iterations).
+        Stop a slice when ``||r|| / ||A^H y|| <= tol`` (0 runs all iterations); the core CG's rule.
     lam : float
         Tikhonov weight ``lambda`` (in the units of the normalised data; 0 = plain SENSE).
 
@@ -166,33 +179,10 @@ def cg_sense(kspace, maps, mask, iterations: int = 30, tol: float = 1e-6, lam: f
     -------
     (x, n_iter) : torch.Tensor ``(S, M, H, W)`` complex64 and the iterations run.
     """
-    import torch
-
     op = SenseOp(maps, mask)
     b = op.adjoint(kspace)
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = r.clone()
-    rs = _dot(r, r)
-    rs0 = rs.clamp_min(1e-30)
-    active = torch.ones_like(rs, dtype=torch.bool)
-    view = (-1,) + (1,) * (b.ndim - 1)
-    it = 0
-    for it in range(1, int(iterations) + 1):
-        ap = op.normal(p)
-        if lam:
-            ap = ap + lam * p
-        pap = _dot(p, ap)
-        alpha = torch.where(active & (pap > 0), rs / pap.clamp_min(1e-30), torch.zeros_like(rs))
-        x = x + alpha.reshape(view) * p
-        r = r - alpha.reshape(view) * ap
-        rs_new = _dot(r, r)
-        active = active & ((rs_new / rs0).sqrt() >= tol)
-        if not bool(active.any()):
-            break
-        beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
-        p = r + beta.reshape(view) * p
-        rs = rs_new
+    system = op.N + float(lam) * Identity(op.ishape, np.complex64) if lam else op.N
+    x, info = cg(system, b, tol=float(tol), max_iter=int(iterations), batch_dims=1)
     if log:
-        log(f"CG-SENSE: {it} iterations, relative residual {float((rs_new / rs0).sqrt().max()):.2e}")
-    return x, it
+        log(f"CG-SENSE: {info.iterations} iterations, relative residual {float(np.max(info.relative_residual)):.2e}")
+    return x, info.iterations

@@ -11,7 +11,9 @@ Layout (https://github.com/StanfordMIMI/skm-tea, DATASET.md and ``skm_tea/data/d
   size in the centre, as skm-tea's ``CachingSubsampler`` does.
 
 There is no geometry header in these files; the dataset's nominal voxel spacing
-(0.3125, 0.3125, 0.8) mm for (x, y, z) is used unless ``voxel_size`` is given.
+(0.3125, 0.3125, 0.8) mm for (x, y, z) is used unless ``voxel_size`` is given. Every dataset's
+claimed shape is checked against the file and the available memory before it is read
+(:mod:`.h5limits`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from qsmkit.errors import InputDataError, ParameterError
+from qsmkit.kspace import kspace_memory_errors
 
 from .fastmri import H5Reader
+from .h5limits import check_dataset, check_image_axes, check_memory
 from .kdata import KSpaceData, parse_slices
 
 __all__ = ["SkmTeaFile", "read_skmtea", "SKMTEA_VOXEL_SIZE", "pad_mask_center"]
@@ -60,6 +64,7 @@ class SkmTeaFile(H5Reader):
             have = ", ".join(sorted(f.keys())) or "nothing"
             raise InputDataError(f"{name} has no 'kspace' dataset (it holds {have}); is it an skm-tea recon file?")
         ks = f["kspace"]
+        check_dataset(ks, self.path, "kspace")
         if ks.dtype.kind != "c":
             raise InputDataError(f"{name}: kspace has dtype {ks.dtype}; skm-tea k-space is complex64")
         if ks.ndim == 4 and "maps" not in f:
@@ -67,8 +72,12 @@ class SkmTeaFile(H5Reader):
         if ks.ndim != 5:
             raise InputDataError(f"{name}: kspace has shape {ks.shape}; skm-tea stores (x, ky, kz, echo, coil)")
         x, y, z, e, c = ks.shape
+        check_image_axes(self.path, "kspace", ks.shape, "(x, ky, kz, echo, coil)", y, z)
         if "maps" in f:
             mp = f["maps"]
+            if not isinstance(mp, h5py.Dataset):
+                raise InputDataError(f"{name}: 'maps' is a group, not a dataset; expected (x, y, z, coil, nmaps)")
+            check_dataset(mp, self.path, "maps")
             if mp.ndim != 5 or tuple(mp.shape[:3]) != (x, y, z) or mp.shape[3] != c:
                 if mp.ndim == 5 and tuple(mp.shape[:3]) == (x, y, z) and mp.shape[3] == e and mp.shape[4] == c:
                     raise InputDataError(f"{name}: kspace {ks.shape} and maps {mp.shape} disagree; the echo and coil "
@@ -78,14 +87,20 @@ class SkmTeaFile(H5Reader):
         elif e > c and c <= 2:
             raise InputDataError(f"{name}: kspace shape {ks.shape} has {e} echoes and {c} coils; the echo and coil "
                                  f"axes look swapped - skm-tea stores (x, ky, kz, echo, coil)")
+        if "target" in f and not isinstance(f["target"], h5py.Dataset):
+            raise InputDataError(f"{name}: 'target' is a group, not a dataset; expected (x, y, z, echo, nmaps)")
         self.shape = (x, y, z, e, c)
         self.n_slices, self.n_echoes, self.n_coils = x, e, c
         self.image_shape = (y, z)
 
     def mask_keys(self) -> list[str]:
         """Names of the masks under ``masks/``."""
+        import h5py
+
         if "masks" not in self._f:
             return []
+        if not isinstance(self._f["masks"], h5py.Group):
+            raise InputDataError(f"{self.path.name}: 'masks' is a dataset, not a group of masks (masks/poisson_6.0x, ...)")
         return sorted(self._f["masks"].keys())
 
     def read_mask(self, acceleration: float | None = None, key: str | None = None) -> np.ndarray:
@@ -107,11 +122,28 @@ class SkmTeaFile(H5Reader):
                 raise InputDataError(f"{self.path.name} has no mask for acceleration {want:g}; stored: {', '.join(keys)}")
         elif key not in keys:
             raise InputDataError(f"{self.path.name} has no mask 'masks/{key}'; stored: {', '.join(keys)}")
-        m = np.asarray(self._f["masks"][key][()])
-        m = np.squeeze(m)
-        if m.ndim != 2:
-            raise InputDataError(f"{self.path.name}: masks/{key} has shape {m.shape}; expected (ky, kz)")
+        ds = self._f["masks"][key]
+        shape = check_dataset(ds, self.path, f"masks/{key}")
+        squeezed = tuple(s for s in shape if s != 1)
+        if len(squeezed) != 2:
+            raise InputDataError(f"{self.path.name}: masks/{key} has shape {shape}; expected (ky, kz)")
+        if any(m > s for m, s in zip(squeezed, self.image_shape)):
+            raise InputDataError(f"{self.path.name}: masks/{key} has shape {shape}, larger than the k-space grid "
+                                 f"{self.image_shape}")
+        m = np.squeeze(np.asarray(ds[()])).reshape(squeezed)
         return pad_mask_center(m != 0, self.image_shape)
+
+    def read_nbytes(self, n_slices: int, load_maps: bool = True) -> int:
+        """Memory that reading ``n_slices`` readout slices (k-space, maps, target) allocates."""
+        f, (x, y, z, e, c) = self._f, self.shape
+        n = (n_slices + 1) * y * z * c * 8  # result + one slice read at a time
+        if load_maps and "maps" in f:
+            n += (n_slices + 1) * y * z * c * int(f["maps"].shape[4]) * 8
+        if "target" in f and f["target"].ndim == 5:
+            t = f["target"]
+            check_dataset(t, self.path, "target")
+            n += n_slices * y * z * 4 + y * z * int(t.shape[4]) * t.dtype.itemsize
+        return n
 
     def _read(self, dsname: str, index: tuple) -> np.ndarray:
         try:
@@ -142,6 +174,7 @@ class SkmTeaFile(H5Reader):
         if "target" not in self._f:
             return None
         t = self._f["target"]
+        check_dataset(t, self.path, "target")
         if t.ndim != 5 or tuple(t.shape[:3]) != self.shape[:3]:
             raise InputDataError(f"{self.path.name}: target has shape {t.shape}; expected (x, y, z, echo, nmaps)")
         out = np.empty((len(slices),) + self.image_shape, dtype=np.float32)
@@ -177,9 +210,12 @@ def read_skmtea(path: str | Path, slices: Any = None, echo: int = 0, load_maps: 
         if not 0 <= int(echo) < sf.n_echoes:
             raise ParameterError(f"echo = {echo} but {sf.path.name} has {sf.n_echoes} echoes (0..{sf.n_echoes - 1})")
         idx = parse_slices(slices, sf.n_slices)
-        k = sf.read_kspace(idx, echo)
-        maps = sf.read_maps(idx) if load_maps else None
-        target = sf.read_target(idx, echo)
+        check_memory(sf.read_nbytes(len(idx), load_maps), sf.path,
+                     f"{len(idx)} readout slice(s) of kspace {sf.shape}" + (" with maps" if load_maps else ""), len(idx))
+        with kspace_memory_errors("kspace_read/skmtea", sf.shape, sf.path, len(idx)):
+            k = sf.read_kspace(idx, echo)
+            maps = sf.read_maps(idx) if load_maps else None
+            target = sf.read_target(idx, echo)
         vx, vy, vz = (float(v) for v in (voxel_size or SKMTEA_VOXEL_SIZE))
         header = {"shape": sf.shape, "mask_keys": sf.mask_keys(), "n_echoes": sf.n_echoes}
         kd = KSpaceData(data=k, layout="skmtea", slice_indices=tuple(idx), voxel_size=(vy, vz, vx),

@@ -1,5 +1,8 @@
 """k-space transforms: centred orthonormal FFTs, RSS, image-space centre crop, normalisation.
 
+``rss``, ``center_crop``, ``mask_to_2d`` and ``normalization_scale`` live in the public core module
+:mod:`qsmkit.kspace` (for third-party k-space methods) and are re-exported here.
+
 All FFTs are the centred orthonormal ones of :mod:`qsmkit.fft` (``ifftshift -> fft -> fftshift``,
 ``norm="ortho"``), as fastMRI's ``fft2c`` / ``ifft2c``. Crops are done in image space only: a
 centre crop of k-space would lower the resolution (DESIGN.md §3).
@@ -12,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from qsmkit import fft as qfft
+from qsmkit.kspace import center_crop, mask_to_2d, normalization_scale, rss  # re-exported
 
 __all__ = [
     "fft2c", "ifft2c", "fft2c_np", "ifft2c_np", "rss", "center_crop", "zero_filled_rss", "zero_filled_coils",
@@ -37,38 +41,6 @@ def fft2c_np(x: np.ndarray, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
 def ifft2c_np(x: np.ndarray, axes: Sequence[int] = (-2, -1)) -> np.ndarray:
     """Centred orthonormal inverse FFT of a numpy array (k-space -> image)."""
     return qfft.ifftnc(x, axes=tuple(axes)).astype(np.result_type(x.dtype, np.complex64), copy=False)
-
-
-def rss(x, dim: int = 1):
-    """Root sum of squares over the coil axis (numpy or torch, complex or real)."""
-    if isinstance(x, np.ndarray):
-        return np.sqrt(np.sum(np.abs(x) ** 2, axis=dim))
-    import torch
-
-    return torch.sqrt(torch.sum(torch.abs(x) ** 2, dim=dim))
-
-
-def center_crop(x, shape: Sequence[int] | None):
-    """Centre crop of the last two axes to ``shape`` (as fastMRI's ``center_crop``).
-
-    ``None`` or a size larger than the data along an axis leaves that axis unchanged.
-    """
-    if shape is None:
-        return x
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    ch, cw = min(int(shape[0]), h), min(int(shape[1]), w)
-    h0, w0 = (h - ch) // 2, (w - cw) // 2
-    return x[..., h0:h0 + ch, w0:w0 + cw]
-
-
-def mask_to_2d(mask: np.ndarray | None, image_shape: Sequence[int]) -> np.ndarray:
-    """A sampling mask as float32 ``(H or 1, W or 1)`` or ``(S, H or 1, W or 1)``; ``None`` -> ones."""
-    if mask is None:
-        return np.ones((1, 1), dtype=np.float32)
-    m = np.asarray(mask)
-    if m.ndim == 1:
-        m = m[None, :]
-    return (m != 0).astype(np.float32)
 
 
 def as_tensor(x: np.ndarray, device, dtype=None):
@@ -128,38 +100,3 @@ def zero_filled_coils(kspace, crop: Sequence[int] | None = None, mask=None):
 def zero_filled_rss(kspace: np.ndarray) -> np.ndarray:
     """RSS of the inverse FFT of multi-coil k-space ``(S, C, H, W)`` -> ``(S, H, W)`` float32."""
     return rss(ifft2c_np(np.asarray(kspace, dtype=np.complex64)), dim=1).astype(np.float32)
-
-
-def normalization_scale(kspace: np.ndarray, mask: np.ndarray | None = None, maps: np.ndarray | None = None) -> float:
-    """Maximum of the coil-combined zero-filled image of the whole volume (DESIGN.md §4).
-
-    Dividing the multi-coil k-space by this number (never each coil on its own) puts the image
-    maximum near 1, which makes regularisation weights independent of the scanner's scale.
-
-    Parameters
-    ----------
-    kspace : ndarray, (S, C, H, W)
-        Multi-coil k-space (undersampled samples already zero).
-    mask : ndarray or None
-        Sampling mask broadcastable to ``(S, 1, H, W)`` after :func:`mask_to_2d`; applied first.
-    maps : ndarray or None, (S, M, C, H, W)
-        Coil maps: combine with ``sum_c conj(S_c) x_c`` (RSS over maps) instead of RSS over coils.
-    """
-    k = np.asarray(kspace)
-    m = None
-    if mask is not None:
-        m = mask_to_2d(mask, k.shape[-2:])
-    scale = 0.0
-    for s in range(k.shape[0]):  # slice by slice: bounded memory for whole volumes
-        ks = k[s:s + 1]
-        if m is not None:
-            ks = ks * (m[s:s + 1, None] if m.ndim == 3 and m.shape[0] > 1 else (m[:, None] if m.ndim == 3 else m))
-        img = ifft2c_np(ks.astype(np.complex64, copy=False))
-        if maps is not None:
-            comb = np.einsum("smchw,schw->smhw", np.conj(maps[s:s + 1]), img)
-            mag = rss(comb, dim=1)
-        else:
-            mag = rss(img, dim=1)
-        if mag.size:
-            scale = max(scale, float(np.max(mag)))
-    return scale if scale > 0 and np.isfinite(scale) else 1.0

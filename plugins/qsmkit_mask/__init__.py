@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
+from qsmkit.params import CPU_DEVICE
 from qsmkit.errors import InputDataError, ParameterError, StageError
 
 from .threshold import dilate_mm, erode_mm, fill_enclosed_holes, largest_component, otsu_threshold, threshold_mask
@@ -31,6 +32,7 @@ class ThresholdMask(Stage):
               doc="erosion radius, then the largest component again (cuts scalp-brain bridges)"),
         Param("dilate_mm", float, 0.0, unit="mm", range=(0.0, 30.0),
               doc="dilation radius after the erosion (equal to erode_mm restores the size)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):

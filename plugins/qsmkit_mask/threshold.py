@@ -27,13 +27,15 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
+from qsmkit.errors import InputDataError
+
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of ``values``: maximises the between-class variance of a histogram."""
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
-        raise ValueError("no finite values to threshold")
+        raise InputDataError("otsu_threshold: no finite values to threshold; check the magnitude for NaN/inf or an empty selection")
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         return lo
@@ -137,7 +139,7 @@ def threshold_mask(magnitude: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.
     """
     m = np.asarray(magnitude, dtype=np.float32)
     if m.ndim != 3:
-        raise ValueError(f"magnitude must be 3D, got shape {m.shape}")
+        raise InputDataError(f"threshold_mask: magnitude must be 3D (x, y, z), got shape {m.shape}; pass one echo")
     sample = _sample(m)  # statistics from a regular subsample on large volumes
     if threshold is None:
         cap = float(np.percentile(sample, 99.9))

@@ -18,6 +18,7 @@ import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
 from qsmkit.device import DEVICE_PARAM, resolve_device
+from qsmkit.params import lam, max_iter, tol
 from qsmkit.errors import GeometryError, MissingArtifactError, StageError
 
 from .masks import csf_mask_from_r2star, gradient_mask, r2star_map
@@ -37,8 +38,8 @@ class MEDI(Stage):
     description = ("morphology enabled dipole inversion (MEDI-L1, Liu 2012): nonlinear data term, "
                    "magnitude edge prior, SMV / MERIT / MEDI+0 options; torch CPU or GPU")
     params = (
-        Param("lambda", float, 1000.0, range=(1e-3, 1e8),
-              doc="data-term weight (the MEDI toolbox's lambda: radians at the echo spacing; larger = less smoothing)"),
+        lam(1000.0, range=(1e-3, 1e8),
+            doc="data-term weight (the MEDI toolbox's lambda: radians at the echo spacing; larger = less smoothing)"),
         Param("edge_percentage", float, 0.9, range=(0.0, 3.0),
               doc="edge mask size, toolbox convention: number of edge gradient components / number of mask "
                   "voxels (0.9 = ~30% of components are edges); 0 = plain TV, no magnitude needed"),
@@ -47,11 +48,11 @@ class MEDI(Stage):
         Param("merit", bool, False, doc="MERIT: down-weight voxels whose residual exceeds 6 standard deviations"),
         Param("lambda_csf", float, 0.0, range=(0.0, 1e6),
               doc="MEDI+0 weight of CSF uniformity (toolbox scale, e.g. 100); 0 = off; chi is then referenced to CSF"),
-        Param("max_iter", int, 15, range=(1, 200), doc="Gauss-Newton iterations (at most)"),
+        max_iter(15, range=(1, 200), doc="Gauss-Newton iterations (at most)"),
         Param("cg_max_iter", int, 10, range=(1, 1000), doc="conjugate-gradient iterations per Gauss-Newton step"),
         Param("cg_tol", float, 0.01, range=(1e-8, 1.0), doc="CG relative residual tolerance"),
-        Param("tol", float, 0.02, range=(0.0, 1.0),
-              doc="stop when the relative update ||dchi||/||chi|| falls below this"),
+        tol(0.02, range=(0.0, 1.0),
+            doc="stop when the relative update ||dchi||/||chi|| falls below this"),
         Param("epsilon", float, 1e-3, unit="ppm/mm", range=(1e-8, 1.0),
               doc="smoothing of the L1 norm in the IRLS weights 1/sqrt(|M_G grad chi|^2 + epsilon^2)"),
         Param("padding", float, 1.0, range=(1.0, 4.0),

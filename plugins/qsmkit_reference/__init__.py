@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
+from qsmkit.params import CPU_DEVICE
 from qsmkit.errors import GeometryError, StageError
 
 from .reference import reference_to_region
@@ -22,6 +23,7 @@ class ReferenceMean(Stage):
     params = (
         Param("statistic", str, "mean", choices=("mean", "median"),
               doc="reference value over the mask: mean, or median (robust to veins and haemorrhage)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):
@@ -43,7 +45,7 @@ class ReferenceNone(Stage):
     reads = ("chi",)
     writes = ("chi",)
     description = "no referencing: chi passes through unchanged"
-    params = ()
+    params = (CPU_DEVICE,)
 
     def run(self, ctx, p):
         chi = ctx["chi"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qsmkit.errors import InputDataError, ParameterError
+
 
 def reference_to_region(chi: np.ndarray, mask: np.ndarray, region: np.ndarray | None = None,
                         statistic: str = "mean") -> tuple[np.ndarray, float]:
@@ -29,13 +31,14 @@ def reference_to_region(chi: np.ndarray, mask: np.ndarray, region: np.ndarray | 
     m = np.asarray(mask, dtype=bool)
     r = m if region is None else (np.asarray(region, dtype=bool) & m)
     if not r.any():
-        raise ValueError("the reference region is empty")
+        raise InputDataError("reference_to_region: the reference region (within the mask) is empty; give a "
+                             "non-empty region that overlaps the mask")
     vals = c[r].astype(np.float64)
     if statistic == "mean":
         ref = float(vals.mean())
     elif statistic == "median":
         ref = float(np.median(vals))
     else:
-        raise ValueError(f"unknown statistic {statistic!r}")
+        raise ParameterError(f"reference_to_region: unknown statistic {statistic!r}; use mean or median")
     out = np.where(m, c - np.float32(ref), np.float32(0)).astype(np.float32)
     return out, ref

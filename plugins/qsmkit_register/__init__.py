@@ -19,6 +19,7 @@ import numpy as np
 
 from qsmkit import Param, Stage, Volume, hookimpl
 from qsmkit.errors import InputDataError, StageError
+from qsmkit.params import CPU_DEVICE, ITERATIONS, max_iter
 
 from .rigid import (RigidResult, b0_in_reference_frame, b0_world_from_voxel, fov_fraction, resample_masked,
                     resample_masked_many, resample_to_reference, rigid_register)
@@ -84,6 +85,7 @@ class SimpleITKRegister(Stage):
     """Rigid Euler3D registration of each orientation's first echo magnitude to the reference's."""
 
     kind, name = "register", "simpleitk"
+    scope = "joint"
     reads = ("orientations",)
     optional_reads = ("noise_weight",)
     writes = ("orientations", "transforms")
@@ -97,7 +99,7 @@ class SimpleITKRegister(Stage):
               doc="multi-resolution downsampling per level, coarse to fine"),
         Param("smoothing_sigmas", list, [2.0, 1.0, 0.0], unit="voxel", range=(0.0, 16.0),
               doc="Gaussian smoothing per level (voxels of the full grid)"),
-        Param("iterations", int, 200, range=(1, 10000), doc="maximum optimizer iterations per level"),
+        max_iter(200, range=(1, 10000), aliases=ITERATIONS, doc="maximum optimizer iterations per level"),
         Param("learning_rate", float, 1.0, unit="mm", range=(1e-3, 20.0),
               doc="initial step of the regular-step gradient descent (physical-shift scaled)"),
         Param("min_step", float, 1e-4, unit="mm", range=(1e-7, 1.0), doc="convergence: stop below this step"),
@@ -123,6 +125,7 @@ class SimpleITKRegister(Stage):
               doc="error when less than this fraction of an orientation's mask lands inside the reference grid"),
         Param("min_mask_dice", float, 0.7, range=(0.0, 1.0),
               doc="error when the registered mask overlaps the reference mask less than this (Dice)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):
@@ -132,90 +135,109 @@ class SimpleITKRegister(Stage):
             from qsmkit.errors import ParameterError
             raise ParameterError(f"{where}: shrink_factors ({len(p.shrink_factors)} levels) and smoothing_sigmas "
                                  f"({len(p.smoothing_sigmas)} levels) need the same length")
-        ref = orients[0]
-        ref_field: Volume = ref["local_field"]
-        ref_aff, ref_shape = ref_field.affine, ref_field.grid_shape
-        ref_mask = np.asarray(ref["mask"].data) > 0
-        if not ref_mask.any():
+        ref = _Reference(orients[0], where)
+        out = [{**{k: v for k, v in orients[0].items() if k not in ("magnitude",)},
+                "magnitude": orients[0]["magnitude"].like(ref.mag[..., None]),
+                "transform": _identity_transform(0, orients[0])}]
+        transforms = [_identity_transform(0, orients[0])]
+        for i, o in enumerate(orients[1:], 1):
+            entry = _register_orientation(i, o, ref, p, where, ctx.log)
+            transforms.append(entry["transform"])
+            out.append(entry)
+        ctx.report_metrics({"registration": transforms})
+        return {"orientations": out, "transforms": transforms}
+
+
+class _Reference:
+    """The reference orientation's grid, mask and first-echo magnitude (checked)."""
+
+    def __init__(self, ref: dict, where: str):
+        self.field: Volume = ref["local_field"]
+        self.affine, self.shape = self.field.affine, self.field.grid_shape
+        self.mask = np.asarray(ref["mask"].data) > 0
+        if not self.mask.any():
             raise StageError(f"{where}: the reference orientation's mask is empty; check its mask stage")
-        ref_mag = _first_echo(ref["magnitude"]).astype(np.float32)
+        self.mag = _first_echo(ref["magnitude"]).astype(np.float32)
         for key in ("magnitude", "mask"):
-            if ref[key].grid_shape != ref_shape or not np.allclose(ref[key].affine, ref_aff, atol=1e-4):
+            if ref[key].grid_shape != self.shape or not np.allclose(ref[key].affine, self.affine, atol=1e-4):
                 raise InputDataError(f"{where}: the reference orientation's {key} is not on its local_field grid")
 
-        def vol_ref(data, like: Volume, units: str, b0, i: int) -> Volume:
-            return Volume(data, ref_aff, units=units, b0_direction=b0, header=ref_field.header,
-                          meta={**like.meta, "orientation": i, "registered_to": "orientation 0"})
+    def volume(self, data, like: Volume, units: str, b0, i: int) -> Volume:
+        """``data`` as a Volume on the reference grid, B0 ``b0`` (reference voxel frame)."""
+        return Volume(data, self.affine, units=units, b0_direction=b0, header=self.field.header,
+                      meta={**like.meta, "orientation": i, "registered_to": "orientation 0"})
 
-        out = [{**{k: v for k, v in ref.items() if k not in ("magnitude",)},
-                "magnitude": ref["magnitude"].like(ref_mag[..., None]), "transform": _identity_transform(0, ref)}]
-        transforms = [_identity_transform(0, ref)]
-        for i, o in enumerate(orients[1:], 1):
-            label = orientation_label(i, o)
-            fld: Volume = o["local_field"]
-            mask = np.asarray(o["mask"].data) > 0
-            if not mask.any():
-                raise StageError(f"{where}: {label} has an empty mask; check its mask/background stages")
-            mag = _first_echo(o["magnitude"]).astype(np.float32)
-            nw = o.get("noise_weight") if isinstance(o.get("noise_weight"), Volume) else None
-            if any(v.grid_shape != fld.grid_shape for v in (o["magnitude"], o["mask"], nw) if v is not None):
-                raise InputDataError(f"{where}: {label}: magnitude, mask, local_field and noise_weight are on "
-                                     f"different grids; give them all on that acquisition's grid")
-            ctx.log(f"registering {label} to the reference ({p.metric}, levels {p.shrink_factors})")
-            try:
-                res = rigid_register(
-                    ref_mag, ref_aff, mag, fld.affine,
-                    ref_mask if p.use_masks else None, mask if p.use_masks else None,
-                    metric=p.metric, histogram_bins=p.histogram_bins, shrink_factors=p.shrink_factors,
-                    smoothing_sigmas=p.smoothing_sigmas, iterations=p.iterations, learning_rate=p.learning_rate,
-                    min_step=p.min_step, relaxation=p.relaxation, sampling_percentage=p.sampling_percentage,
-                    max_samples=p.max_samples,
-                    seed=p.seed, initializer=p.initializer, mask_margin_mm=p.mask_margin_mm,
-                    search_range_deg=p.search_range_deg, search_step_deg=p.search_step_deg)
-            except RuntimeError as exc:  # SimpleITK raises RuntimeError (e.g. too few samples in the masks)
-                msg = str(exc).strip().splitlines()
-                short = next((m for m in reversed(msg) if m.strip()), "SimpleITK error")[:200]
-                raise StageError(f"{where}: registration of {label} failed in SimpleITK ({short}); check that "
-                                 f"its magnitude and mask overlap the reference's, or set use_masks: false") from None
-            frac = fov_fraction(mask, fld.affine, ref_shape, ref_aff, res.matrix)
-            if frac < p.min_fov_fraction:
-                raise StageError(f"{where}: registration of {label} puts only {100 * frac:.1f}% of its brain mask "
-                                 f"inside the reference field of view (< {100 * p.min_fov_fraction:.0f}%); the "
-                                 f"registration failed or the acquisitions do not cover the same brain")
-            if p.require_convergence and not res.converged:
-                raise StageError(f"{where}: registration of {label} did not converge in {p.iterations} iterations "
-                                 f"at the finest level ({res.stop_condition.split(':')[-1].strip()[:80]}); raise "
-                                 f"iterations or learning_rate, or check the images")
-            # field and noise weight share the mask: it is resampled once for both
-            resampled, mask_r = resample_masked_many([fld.data] + ([nw.data] if nw is not None else []), mask,
-                                                     fld.affine, ref_shape, ref_aff, res.matrix, p.interpolation)
-            field_r = resampled[0]
-            inter = int(np.count_nonzero(mask_r & ref_mask))
-            dice = 2.0 * inter / max(1, int(mask_r.sum()) + int(ref_mask.sum()))
-            if dice < p.min_mask_dice:
-                raise StageError(f"{where}: after registration the mask of {label} overlaps the reference mask "
-                                 f"with Dice {dice:.2f} (< {p.min_mask_dice}); the registration failed (try "
-                                 f"metric: correlation, a larger search_range_deg, or check the masks)")
-            b_world = b0_world_from_voxel(fld.affine, fld.b0_direction)
-            b_ref = b0_in_reference_frame(ref_aff, res.matrix, b_world)
-            entry = {k: v for k, v in o.items() if not isinstance(v, Volume)}
-            entry["local_field"] = vol_ref(field_r, fld, fld.units or "ppm", b_ref, i)
-            entry["mask"] = vol_ref(mask_r, o["mask"], "bool", b_ref, i)
-            mag_r = resample_to_reference(mag, fld.affine, ref_shape, ref_aff, res.matrix, p.interpolation)
-            entry["magnitude"] = vol_ref(mag_r[..., None], o["magnitude"], o["magnitude"].units, b_ref, i)
-            if nw is not None:
-                entry["noise_weight"] = vol_ref(np.where(mask_r, np.maximum(resampled[1], 0), 0).astype(np.float32), nw,
-                                                nw.units, b_ref, i)
-            tdict = {"orientation": i, "source": label, "reference": False, **res.as_dict(),
-                     "fov_fraction": frac, "mask_dice": dice, "b0_direction_reference_voxel": b_ref.tolist()}
-            entry["transform"] = tdict
-            transforms.append(tdict)
-            ctx.log(f"{label}: rotation {res.rotation_angle_deg:.2f} deg (Euler x,y,z "
-                    f"{', '.join(f'{a:.2f}' for a in res.angles_deg)}), translation "
-                    f"{np.linalg.norm(res.translation_mm):.2f} mm, metric {res.metric_value:.4f}, "
-                    f"{res.iterations} iterations, mask Dice {dice:.3f}")
-            out.append(entry)
-        return {"orientations": out, "transforms": transforms, "metrics": {"registration": transforms}}
+
+def _rigid(ref: _Reference, mag, fld: Volume, mask, p, where: str, label: str) -> RigidResult:
+    """:func:`rigid_register` of one orientation with the stage parameters; SimpleITK errors as StageError."""
+    try:
+        return rigid_register(
+            ref.mag, ref.affine, mag, fld.affine,
+            ref.mask if p.use_masks else None, mask if p.use_masks else None,
+            metric=p.metric, histogram_bins=p.histogram_bins, shrink_factors=p.shrink_factors,
+            smoothing_sigmas=p.smoothing_sigmas, iterations=p.max_iter, learning_rate=p.learning_rate,
+            min_step=p.min_step, relaxation=p.relaxation, sampling_percentage=p.sampling_percentage,
+            max_samples=p.max_samples,
+            seed=p.seed, initializer=p.initializer, mask_margin_mm=p.mask_margin_mm,
+            search_range_deg=p.search_range_deg, search_step_deg=p.search_step_deg)
+    except RuntimeError as exc:  # SimpleITK raises RuntimeError (e.g. too few samples in the masks)
+        msg = str(exc).strip().splitlines()
+        short = next((m for m in reversed(msg) if m.strip()), "SimpleITK error")[:200]
+        raise StageError(f"{where}: registration of {label} failed in SimpleITK ({short}); check that "
+                         f"its magnitude and mask overlap the reference's, or set use_masks: false") from None
+
+
+def _register_orientation(i: int, o: dict, ref: _Reference, p, where: str, log) -> dict:
+    """Register orientation ``i`` to the reference, check the result and resample its artifacts:
+    its entry of the output ``orientations`` (with ``transform``)."""
+    label = orientation_label(i, o)
+    fld: Volume = o["local_field"]
+    mask = np.asarray(o["mask"].data) > 0
+    if not mask.any():
+        raise StageError(f"{where}: {label} has an empty mask; check its mask/background stages")
+    mag = _first_echo(o["magnitude"]).astype(np.float32)
+    nw = o.get("noise_weight") if isinstance(o.get("noise_weight"), Volume) else None
+    if any(v.grid_shape != fld.grid_shape for v in (o["magnitude"], o["mask"], nw) if v is not None):
+        raise InputDataError(f"{where}: {label}: magnitude, mask, local_field and noise_weight are on "
+                             f"different grids; give them all on that acquisition's grid")
+    log(f"registering {label} to the reference ({p.metric}, levels {p.shrink_factors})")
+    res = _rigid(ref, mag, fld, mask, p, where, label)
+    frac = fov_fraction(mask, fld.affine, ref.shape, ref.affine, res.matrix)
+    if frac < p.min_fov_fraction:
+        raise StageError(f"{where}: registration of {label} puts only {100 * frac:.1f}% of its brain mask "
+                         f"inside the reference field of view (< {100 * p.min_fov_fraction:.0f}%); the "
+                         f"registration failed or the acquisitions do not cover the same brain")
+    if p.require_convergence and not res.converged:
+        raise StageError(f"{where}: registration of {label} did not converge in {p.max_iter} iterations "
+                         f"at the finest level ({res.stop_condition.split(':')[-1].strip()[:80]}); raise "
+                         f"max_iter or learning_rate, or check the images")
+    # field and noise weight share the mask: it is resampled once for both
+    resampled, mask_r = resample_masked_many([fld.data] + ([nw.data] if nw is not None else []), mask,
+                                             fld.affine, ref.shape, ref.affine, res.matrix, p.interpolation)
+    field_r = resampled[0]
+    inter = int(np.count_nonzero(mask_r & ref.mask))
+    dice = 2.0 * inter / max(1, int(mask_r.sum()) + int(ref.mask.sum()))
+    if dice < p.min_mask_dice:
+        raise StageError(f"{where}: after registration the mask of {label} overlaps the reference mask "
+                         f"with Dice {dice:.2f} (< {p.min_mask_dice}); the registration failed (try "
+                         f"metric: correlation, a larger search_range_deg, or check the masks)")
+    b_world = b0_world_from_voxel(fld.affine, fld.b0_direction)
+    b_ref = b0_in_reference_frame(ref.affine, res.matrix, b_world)
+    entry = {k: v for k, v in o.items() if not isinstance(v, Volume)}
+    entry["local_field"] = ref.volume(field_r, fld, fld.units or "ppm", b_ref, i)
+    entry["mask"] = ref.volume(mask_r, o["mask"], "bool", b_ref, i)
+    mag_r = resample_to_reference(mag, fld.affine, ref.shape, ref.affine, res.matrix, p.interpolation)
+    entry["magnitude"] = ref.volume(mag_r[..., None], o["magnitude"], o["magnitude"].units, b_ref, i)
+    if nw is not None:
+        entry["noise_weight"] = ref.volume(np.where(mask_r, np.maximum(resampled[1], 0), 0).astype(np.float32), nw,
+                                           nw.units, b_ref, i)
+    entry["transform"] = {"orientation": i, "source": label, "reference": False, **res.as_dict(),
+                          "fov_fraction": frac, "mask_dice": dice, "b0_direction_reference_voxel": b_ref.tolist()}
+    log(f"{label}: rotation {res.rotation_angle_deg:.2f} deg (Euler x,y,z "
+        f"{', '.join(f'{a:.2f}' for a in res.angles_deg)}), translation "
+        f"{np.linalg.norm(res.translation_mm):.2f} mm, metric {res.metric_value:.4f}, "
+        f"{res.iterations} iterations, mask Dice {dice:.3f}")
+    return entry
 
 
 @hookimpl

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from qsmkit.errors import GeometryError, ParameterError
 from qsmkit.physics import b0_direction_from_affine, voxel_sizes
 
 __all__ = [
@@ -47,7 +48,7 @@ def to_sitk(data: np.ndarray, affine: np.ndarray, pixel: str = "float32"):
 
     arr = np.asarray(data)
     if arr.ndim != 3:
-        raise ValueError(f"to_sitk() needs a 3D array, got shape {arr.shape}")
+        raise GeometryError(f"to_sitk: needs a 3D array (x, y, z), got shape {arr.shape}; pass one echo / volume")
     arr = arr.astype(np.uint8 if pixel == "uint8" else np.float32, copy=False)
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
     a = np.asarray(affine, dtype=np.float64)
@@ -244,71 +245,23 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     -------
     RigidResult
     """
-    import SimpleITK as sitk
-
     if len(shrink_factors) != len(smoothing_sigmas):
-        raise ValueError("shrink_factors and smoothing_sigmas need the same number of levels")
+        raise ParameterError("rigid_register: shrink_factors and smoothing_sigmas need the same number of levels; "
+                             "give one smoothing sigma per shrink factor")
     f_img = to_sitk(fixed, fixed_affine)
     m_img = to_sitk(moving, moving_affine)
-
-    init_mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if initializer == "moments"
-                 else sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    if initializer == "moments":
-        # moments of the masked images: the neck / background do not pull the centres apart
-        f_init = to_sitk(np.where(fixed_mask > 0, fixed, 0) if fixed_mask is not None else fixed, fixed_affine)
-        m_init = to_sitk(np.where(moving_mask > 0, moving, 0) if moving_mask is not None else moving, moving_affine)
-    else:
-        f_init, m_init = f_img, m_img
-    tx = sitk.Euler3DTransform(sitk.CenteredTransformInitializer(f_init, m_init, sitk.Euler3DTransform(), init_mode))
-
-    f_mask = m_mask = f_mask_arr = None
-    if fixed_mask is not None:
-        f_mask_arr = _dilate(fixed_mask, voxel_sizes(fixed_affine), mask_margin_mm)
-        f_mask = to_sitk(f_mask_arr, fixed_affine, "uint8")
-    if moving_mask is not None:
-        m_mask = to_sitk(_dilate(moving_mask, voxel_sizes(moving_affine), mask_margin_mm), moving_affine, "uint8")
+    tx = _initial_transform(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, initializer,
+                            f_img, m_img)
+    f_mask_arr, f_mask, m_mask = _metric_masks(fixed_mask, fixed_affine, moving_mask, moving_affine, mask_margin_mm)
+    n_region = float(np.count_nonzero(f_mask_arr)) if f_mask_arr is not None else float(np.prod(np.shape(fixed)))
 
     def method():
-        r = sitk.ImageRegistrationMethod()
-        if metric == "mattes":
-            r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(histogram_bins))
-        elif metric == "correlation":
-            r.SetMetricAsCorrelation()
-        else:
-            raise ValueError(f"unknown metric {metric!r}; use mattes or correlation")
-        if f_mask is not None:
-            r.SetMetricFixedMask(f_mask)
-        if m_mask is not None:
-            r.SetMetricMovingMask(m_mask)
-        r.SetInterpolator(sitk.sitkLinear)
-        r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-        return r
+        return _registration_method(metric, histogram_bins, f_mask, m_mask)
 
-    n_search = int(np.floor(search_range_deg / search_step_deg + 1e-9)) if search_step_deg > 0 else 0
-    if search_range_deg > 0 and n_search > 0:
-        # exhaustive rotation search at the coarsest level (all voxels of the shrunk image)
-        srch = method()
-        s_max = float(max(shrink_factors))
-        n_coarse = max(float(np.count_nonzero(f_mask_arr)) if f_mask_arr is not None
-                       else float(np.prod(np.shape(fixed))), 1.0) / s_max ** 3
-        if n_coarse > _SEARCH_SAMPLES:  # a fixed random subset keeps the 7^3-point search cheap
-            srch.SetMetricSamplingStrategy(srch.RANDOM)
-            srch.SetMetricSamplingPercentage(_SEARCH_SAMPLES / n_coarse, int(seed))
-        srch.SetOptimizerAsExhaustive([n_search] * 3 + [0, 0, 0], float(np.radians(search_step_deg)))
-        srch.SetOptimizerScales([1.0] * 6)
-        srch.SetShrinkFactorsPerLevel([int(max(shrink_factors))])
-        srch.SetSmoothingSigmasPerLevel([float(smoothing_sigmas[int(np.argmax(shrink_factors))])])
-        srch.SetInitialTransform(tx, inPlace=True)
-        srch.Execute(f_img, m_img)
-
+    _rotation_search(method, tx, f_img, m_img, n_region, shrink_factors, smoothing_sigmas, search_range_deg,
+                     search_step_deg, seed)
     reg = method()
-    # per-level sampling fraction: sampling_percentage, capped at max_samples points per level
-    n_region = float(np.count_nonzero(f_mask_arr)) if f_mask_arr is not None else float(np.prod(np.shape(fixed)))
-    pcts = []
-    for s in shrink_factors:
-        n_level = max(n_region / float(s) ** 3, 1.0)
-        cap = 1.0 if max_samples is None else float(max_samples) / n_level
-        pcts.append(float(min(1.0, sampling_percentage, max(cap, 1e-4))))
+    pcts = _sampling_percentages(n_region, shrink_factors, sampling_percentage, max_samples)
     if min(pcts) < 1.0:
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentagePerLevel(pcts, int(seed))
@@ -321,13 +274,102 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     reg.SetShrinkFactorsPerLevel([int(s) for s in shrink_factors])
     reg.SetSmoothingSigmasPerLevel([float(s) for s in smoothing_sigmas])
     reg.SetInitialTransform(tx, inPlace=True)
+    history = _execute_with_history(reg, f_img, m_img)
+    return _result(tx, reg, iterations, history)
+
+
+def _initial_transform(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, initializer: str,
+                       f_img, m_img):
+    """Centred Euler3D start: on the masked intensity centres of mass (``moments``) or grid centres."""
+    import SimpleITK as sitk
+
+    init_mode = (sitk.CenteredTransformInitializerFilter.MOMENTS if initializer == "moments"
+                 else sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    if initializer == "moments":
+        # moments of the masked images: the neck / background do not pull the centres apart
+        f_init = to_sitk(np.where(fixed_mask > 0, fixed, 0) if fixed_mask is not None else fixed, fixed_affine)
+        m_init = to_sitk(np.where(moving_mask > 0, moving, 0) if moving_mask is not None else moving, moving_affine)
+    else:
+        f_init, m_init = f_img, m_img
+    return sitk.Euler3DTransform(sitk.CenteredTransformInitializer(f_init, m_init, sitk.Euler3DTransform(), init_mode))
+
+
+def _metric_masks(fixed_mask, fixed_affine, moving_mask, moving_affine, margin_mm: float):
+    """``(fixed mask array, fixed mask image, moving mask image)``: the dilated metric masks (or None)."""
+    f_mask = m_mask = f_mask_arr = None
+    if fixed_mask is not None:
+        f_mask_arr = _dilate(fixed_mask, voxel_sizes(fixed_affine), margin_mm)
+        f_mask = to_sitk(f_mask_arr, fixed_affine, "uint8")
+    if moving_mask is not None:
+        m_mask = to_sitk(_dilate(moving_mask, voxel_sizes(moving_affine), margin_mm), moving_affine, "uint8")
+    return f_mask_arr, f_mask, m_mask
+
+
+def _registration_method(metric: str, histogram_bins: int, f_mask, m_mask):
+    """A ``SimpleITK.ImageRegistrationMethod`` with the metric, its masks and linear interpolation."""
+    import SimpleITK as sitk
+
+    r = sitk.ImageRegistrationMethod()
+    if metric == "mattes":
+        r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(histogram_bins))
+    elif metric == "correlation":
+        r.SetMetricAsCorrelation()
+    else:
+        raise ParameterError(f"rigid_register: unknown metric {metric!r}; use mattes or correlation")
+    if f_mask is not None:
+        r.SetMetricFixedMask(f_mask)
+    if m_mask is not None:
+        r.SetMetricMovingMask(m_mask)
+    r.SetInterpolator(sitk.sitkLinear)
+    r.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    return r
+
+
+def _rotation_search(method, tx, f_img, m_img, n_region: float, shrink_factors, smoothing_sigmas,
+                     search_range_deg: float, search_step_deg: float, seed: int) -> None:
+    """Exhaustive search over the three rotation angles at the coarsest level; updates ``tx`` in place."""
+    n_search = int(np.floor(search_range_deg / search_step_deg + 1e-9)) if search_step_deg > 0 else 0
+    if not (search_range_deg > 0 and n_search > 0):
+        return
+    # exhaustive rotation search at the coarsest level (all voxels of the shrunk image)
+    srch = method()
+    s_max = float(max(shrink_factors))
+    n_coarse = max(n_region, 1.0) / s_max ** 3
+    if n_coarse > _SEARCH_SAMPLES:  # a fixed random subset keeps the 7^3-point search cheap
+        srch.SetMetricSamplingStrategy(srch.RANDOM)
+        srch.SetMetricSamplingPercentage(_SEARCH_SAMPLES / n_coarse, int(seed))
+    srch.SetOptimizerAsExhaustive([n_search] * 3 + [0, 0, 0], float(np.radians(search_step_deg)))
+    srch.SetOptimizerScales([1.0] * 6)
+    srch.SetShrinkFactorsPerLevel([int(max(shrink_factors))])
+    srch.SetSmoothingSigmasPerLevel([float(smoothing_sigmas[int(np.argmax(shrink_factors))])])
+    srch.SetInitialTransform(tx, inPlace=True)
+    srch.Execute(f_img, m_img)
+
+
+def _sampling_percentages(n_region: float, shrink_factors, sampling_percentage: float, max_samples) -> list:
+    """Per-level sampling fraction: ``sampling_percentage``, capped at ``max_samples`` points per level."""
+    pcts = []
+    for s in shrink_factors:
+        n_level = max(n_region / float(s) ** 3, 1.0)
+        cap = 1.0 if max_samples is None else float(max_samples) / n_level
+        pcts.append(float(min(1.0, sampling_percentage, max(cap, 1e-4))))
+    return pcts
+
+
+def _execute_with_history(reg, f_img, m_img) -> list:
+    """Run the registration; returns the last metric value of each level."""
+    import SimpleITK as sitk
 
     history: list = []  # last metric value of each level
     reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: history.append(float("nan")))
     reg.AddCommand(sitk.sitkIterationEvent,
                    lambda: history.__setitem__(-1, reg.GetMetricValue()) if history else None)
     reg.Execute(f_img, m_img)
+    return history
 
+
+def _result(tx, reg, iterations: int, history: list) -> RigidResult:
+    """:class:`RigidResult` of the optimised transform ``tx`` (reference world -> moving world)."""
     stop = reg.GetOptimizerStopConditionDescription()
     n_it = int(reg.GetOptimizerIteration())
     converged = not ("maximum number of iterations" in stop.lower() or n_it >= int(iterations))

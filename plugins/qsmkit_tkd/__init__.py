@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qsmkit import Param, Stage, hookimpl
+from qsmkit.params import CPU_DEVICE
 
 from .tkd import tkd
 
@@ -19,6 +20,7 @@ class TKD(Stage):
         Param("threshold", float, 0.15, range=(0.01, 1.0), doc="dipole kernel truncation level"),
         Param("padding", float, 1.5, range=(1.0, 4.0), doc="minimum zero-padding factor per axis"),
         Param("correct", bool, True, doc="undo TKD's underestimation (Schweser 2013 correction factor)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):

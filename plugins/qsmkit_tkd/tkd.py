@@ -6,8 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmkit import fft as qfft
-from qsmkit.physics import dipole_kernel
+from qsmkit.operators import Dipole
 
 
 def truncation_response(threshold: float) -> float:
@@ -61,16 +60,21 @@ def tkd(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
     """
     m = np.asarray(mask) > 0
     f = np.where(m, np.asarray(field, dtype=np.float32), np.float32(0))
-    shape = qfft.padded_shape(f.shape, padding)
-    d = dipole_kernel(shape, voxel_size, b0_dir, rfft=True)  # real, even kernel: half spectrum suffices
+    dipole = Dipole(f.shape, voxel_size, b0_dir, padding=padding)   # real, even kernel: half spectrum
+    d = dipole.make_kernel()
     t = np.float32(threshold)
     small = np.abs(d) < t
     d[small] = np.where(d[small] < 0, -t, t)  # truncate: |D| < t -> sign(D) * t (D(0) = 0 -> t, F(0) -> 0 below)
-    spec = qfft.rfftn(qfft.pad_center(f, shape))
-    spec /= d
-    spec[0, 0, 0] = 0  # D(0) = 0: the mean is undetermined; reference chi afterwards
-    del d, small
-    chi = np.ascontiguousarray(qfft.crop_center(qfft.irfftn(spec, shape), f.shape), dtype=np.float32)
+    del small
+
+    def divide(spec):
+        nonlocal d
+        spec /= d
+        spec[0, 0, 0] = 0  # D(0) = 0: the mean is undetermined; reference chi afterwards
+        d = None           # free the kernel before the inverse FFT allocates its output
+        return spec
+
+    chi = dipole.filter(f, divide)
     if correct:
         chi /= np.float32(truncation_response(threshold))
     chi[~m] = 0

@@ -6,6 +6,7 @@ import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
 from qsmkit.errors import GeometryError, InputDataError, ParameterError, StageError
+from qsmkit.params import CPU_DEVICE, ITERATIONS, max_iter, tol
 
 from .laplacian import laplacian_unwrap, phase_laplacian, solve_poisson_neumann
 
@@ -27,14 +28,15 @@ class LaplacianUnwrap(Stage):
                   "Schofield-Zhu cos*L(sin)-sin*L(cos)"),
         Param("use_mask", bool, True,
               doc="restrict the solve to the mask (when one is available); output is 0 outside it"),
-        Param("iterations", int, 0, range=(0, 500),
-              doc="with a mask: conjugate-gradient steps (DCT-preconditioned) that solve on the mask "
+        max_iter(0, range=(0, 500), aliases=ITERATIONS,
+                 doc="with a mask: conjugate-gradient steps (DCT-preconditioned) that solve on the mask "
                   "itself, removing the harmonic part of the direct solve (about 10 suffice); 0 = direct"),
-        Param("tol", float, 1e-3, range=(1e-8, 0.5), doc="relative residual at which the iterations stop"),
+        tol(1e-3, range=(1e-8, 0.5), doc="relative residual at which the iterations stop"),
         Param("snap", bool, False,
               doc="round to the measured phase + 2*pi*k per voxel, offsets consistent across echoes "
-                  "(exact values where the Laplacian estimate is within pi; needs iterations > 0 "
+                  "(exact values where the Laplacian estimate is within pi; needs max_iter > 0 "
                   "with a mask)"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):
@@ -54,14 +56,15 @@ class LaplacianUnwrap(Stage):
                                     "resample the mask onto the phase grid")
             if not mask.any():
                 raise StageError("unwrap/laplacian: the mask is empty; check the mask stage or the mask file")
-        if p.snap and mask is not None and p.iterations == 0:
-            raise ParameterError("unwrap/laplacian: snap needs iterations > 0 when a mask is used (the "
-                                 "direct solve leaves a harmonic part that can exceed pi); set iterations: 30")
-        u, info = laplacian_unwrap(data, ph.voxel_size, mask, p.laplacian, p.iterations, p.tol, p.snap,
+        if p.snap and mask is not None and p.max_iter == 0:
+            raise ParameterError("unwrap/laplacian: snap needs max_iter > 0 when a mask is used (the "
+                                 "direct solve leaves a harmonic part that can exceed pi); set max_iter: 30 "
+                                 "(formerly 'iterations')")
+        u, info = laplacian_unwrap(data, ph.voxel_size, mask, p.laplacian, p.max_iter, p.tol, p.snap,
                                    return_info=True)
         ctx.log(f"Laplacian unwrapping of {data.shape[3]} echo(es) on {data.shape[:3]}"
                 + (f", {int(mask.sum())} voxels in mask" if mask is not None else "")
-                + (f", {info['iterations']} CG iteration(s)" if p.iterations else "")
+                + (f", {info['iterations']} CG iteration(s)" if p.max_iter else "")
                 + (", snapped to the data" if p.snap else ""))
         return {"unwrapped_phase": ph.like(u, units="rad")}
 

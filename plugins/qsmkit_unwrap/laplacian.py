@@ -38,6 +38,9 @@ from typing import Sequence
 import numpy as np
 import scipy.fft as sfft
 
+from qsmkit.errors import InputDataError
+from qsmkit.operators import Linop, cg, bounding_box
+
 TWO_PI = np.float32(2.0 * np.pi)
 
 
@@ -45,17 +48,6 @@ def _wrap(x: np.ndarray) -> np.ndarray:
     """Wrap to ``[-pi, pi)`` in place (float32)."""
     x -= TWO_PI * np.floor(x / TWO_PI + np.float32(0.5))
     return x
-
-
-def mask_bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, slice, slice]:
-    """Slices of the bounding box of ``mask`` enlarged by ``margin`` voxels (clipped to the grid)."""
-    idx = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(np.any(mask, axis=other))
-        lo, hi = int(nz[0]), int(nz[-1]) + 1
-        idx.append(slice(max(lo - margin, 0), min(hi + margin, mask.shape[axis])))
-    return tuple(idx)
 
 
 def phase_laplacian(phase: np.ndarray, voxel_size: Sequence[float], mask: np.ndarray | None = None,
@@ -87,7 +79,7 @@ def phase_laplacian(phase: np.ndarray, voxel_size: Sequence[float], mask: np.nda
         elif method == "sincos":
             np.sin(d, out=d)
         else:
-            raise ValueError(f"unknown Laplacian method {method!r}; use 'wrapped' or 'sincos'")
+            raise InputDataError(f"unknown Laplacian method {method!r}; use 'wrapped' or 'sincos'")
         d *= np.float32(1.0 / float(voxel_size[axis]) ** 2)
         if m is not None:
             lo = [slice(None)] * 3
@@ -157,26 +149,54 @@ def _masked_laplacian(u: np.ndarray, weights: list[np.ndarray], inv_v2: Sequence
     return r
 
 
+class MaskedLaplacian(Linop):
+    """``-L_mask``: minus the graph Laplacian over in-mask neighbour pairs (1/mm^2), echo-first batches.
+
+    Symmetric positive semi-definite on arrays ``(echo, x, y, z)`` (numpy); the Neumann condition
+    on the mask edge is built in (pairs that leave the mask are dropped).
+
+    Parameters
+    ----------
+    mask : ndarray of bool (x, y, z)
+    voxel_size : 3 floats
+        mm.
+    n_echoes : int
+        Size of the leading (batch) axis.
+    """
+
+    def __init__(self, mask: np.ndarray, voxel_size: Sequence[float], n_echoes: int = 1):
+        shape = (int(n_echoes),) + tuple(mask.shape)
+        super().__init__(shape, shape, np.float32)
+        self.inv_v2 = [1.0 / float(v) ** 2 for v in voxel_size]
+        self.w = _pair_weights(np.asarray(mask, dtype=bool))
+
+    def apply(self, x):
+        out = np.empty_like(x)
+        for e in range(x.shape[0]):
+            out[e] = _masked_laplacian(x[e], self.w, self.inv_v2)
+        np.negative(out, out=out)
+        return out
+
+    def adjoint(self, y):
+        return self.apply(y)
+
+    @classmethod
+    def example(cls):
+        m = np.random.default_rng(4).random((6, 5, 4)) > 0.3
+        return cls(m, (1.0, 0.8, 1.5), 2)
+
+
 def _refine_pcg(u: np.ndarray, b: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
                 iterations: int, tol: float) -> tuple[np.ndarray, int]:
     """Solve the Poisson equation restricted to ``mask`` (Neumann on the mask edge) by PCG.
 
     ``u`` and ``b`` are echo-first (echo, x, y, z). The unknowns are the in-mask voxels, the
-    operator is the graph Laplacian over in-mask neighbour pairs and the preconditioner is the
-    box DCT solve. The solution is then the true phase up to a constant (no harmonic part).
-    Returns the refined ``u`` and the number of iterations done.
+    operator is :class:`MaskedLaplacian` and the preconditioner is the box DCT solve; the core
+    :func:`qsmkit.operators.cg` iterates all echoes together (one system per echo), from ``u``,
+    until ``||r|| / ||b|| <= tol``. The solution is then the true phase up to a constant (no
+    harmonic part). Returns the refined ``u`` and the number of iterations done.
     """
-    inv_v2 = [1.0 / float(v) ** 2 for v in voxel_size]
-    w = _pair_weights(mask)
     mf = mask.astype(np.float32)
-    n_e = u.shape[0]
-
-    def a_op(x: np.ndarray) -> np.ndarray:  # positive semi-definite: -L_mask
-        out = np.empty_like(x)
-        for e in range(n_e):
-            out[e] = _masked_laplacian(x[e], w, inv_v2)
-        np.negative(out, out=out)
-        return out
 
     def m_inv(r: np.ndarray) -> np.ndarray:  # (-L_box)^-1 restricted to the mask
         z = _solve_batched(r, voxel_size)
@@ -184,32 +204,9 @@ def _refine_pcg(u: np.ndarray, b: np.ndarray, mask: np.ndarray, voxel_size: Sequ
         z *= mf
         return z
 
-    def dot(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.einsum("eijk,eijk->e", x, y, dtype=np.float64)
-
-    r = -b - a_op(u)  # residual of (-L_mask) u = -b
-    z = m_inv(r)
-    p = z.copy()
-    rz = dot(r, z)
-    rz0 = np.where(rz > 0, rz, 1.0)
-    done = 0
-    for it in range(1, iterations + 1):
-        if np.all(rz <= (tol ** 2) * rz0):
-            break
-        ap = a_op(p)
-        pap = dot(p, ap)
-        alpha = np.where(pap > 0, rz / np.where(pap > 0, pap, 1.0), 0.0).astype(np.float32)
-        u += alpha[:, None, None, None] * p
-        r -= alpha[:, None, None, None] * ap
-        del ap
-        z = m_inv(r)
-        rz_new = dot(r, z)
-        beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0).astype(np.float32)
-        p *= beta[:, None, None, None]
-        p += z
-        rz = rz_new
-        done = it
-    return u, done
+    a_op = MaskedLaplacian(mask, voxel_size, u.shape[0])
+    u, info = cg(a_op, -b * mf, u, M=m_inv, tol=tol, max_iter=iterations, batch_dims=1)
+    return u, info.iterations
 
 
 def _snap(u: np.ndarray, wrapped: np.ndarray, mask: np.ndarray | None) -> list[int]:
@@ -279,7 +276,7 @@ def laplacian_unwrap(phase: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0,
         condition on the mask edge. This removes the harmonic part that the direct box solve
         leaves inside the mask (typically 5-10 steps reach ``tol``). 0 keeps the direct solve.
     tol : float
-        Relative preconditioned residual at which the iterations stop.
+        Relative residual ``||r|| / ||b||`` at which the iterations stop (the core CG's rule).
     snap : bool
         Round the solution to the measured phase plus 2 pi k per voxel (exact values wherever the
         Laplacian estimate is within pi of the truth), and make the 2 pi offsets consistent
@@ -298,7 +295,7 @@ def laplacian_unwrap(phase: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0,
     """
     phi = np.asarray(phase, dtype=np.float32)
     if phi.ndim not in (3, 4):
-        raise ValueError(f"phase must be 3D or 4D, got shape {phi.shape}")
+        raise InputDataError(f"phase must be 3D or 4D, got shape {phi.shape}")
     squeeze = phi.ndim == 3
     info = {"iterations": 0}
     # echo-first layout: contiguous 3D blocks for the finite differences, batched DCTs
@@ -311,13 +308,13 @@ def laplacian_unwrap(phase: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0,
     else:
         m = np.asarray(mask, dtype=bool)
         if m.shape != phi.shape[:3]:
-            raise ValueError(f"mask shape {m.shape} differs from the phase grid {phi.shape[:3]}")
+            raise InputDataError(f"mask shape {m.shape} differs from the phase grid {phi.shape[:3]}")
         if not m.any():
             out = np.zeros_like(phi)
             return (out, info) if return_info else out
         # the mask's bounding box (+1 voxel), zero-padded at its far ends to FFT-friendly sizes:
         # with a mask the boundary of the box plays no role for the solution inside the mask
-        box = mask_bbox(m, margin=1)
+        box = bounding_box(m, margin=1)
         inner = tuple(b.stop - b.start for b in box)
         work = tuple(sfft.next_fast_len(n, real=True) for n in inner)
         core = tuple(slice(0, n) for n in inner)

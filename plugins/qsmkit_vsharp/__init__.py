@@ -6,6 +6,7 @@ import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
 from qsmkit.errors import GeometryError, InputDataError, StageError
+from qsmkit.params import CPU_DEVICE
 
 from .vsharp import default_radii, smv_kernel_half, vsharp
 
@@ -29,6 +30,7 @@ class VSharp(Stage):
         Param("reject", float, 6.0, range=(0.0, 100.0),
               doc="drop edge voxels whose small-ball high-pass exceeds this many robust SDs of the "
                   "largest ball's (unreliable edge data); 0 disables"),
+        CPU_DEVICE,
     )
 
     def run(self, ctx, p):

@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 import scipy.fft as sfft
 
-from qsmkit.physics import sphere_mask
+from qsmkit.errors import InputDataError
+from qsmkit.operators import SMV, bounding_box
 
 
 def default_radii(voxel_size: Sequence[float], r_max: float = 12.0, r_min: float | None = None) -> list[float]:
@@ -58,22 +59,12 @@ def smv_kernel_half(shape: Sequence[int], voxel_size: Sequence[float], radius_mm
                     return_count: bool = False):
     """Real-FFT half spectrum of the normalised SMV ball: ``physics.smv_kernel(...)[..., :n // 2 + 1]``.
 
-    The ball (:func:`qsmkit.physics.sphere_mask`) is symmetric, so its spectrum is real; only the
-    real FFT's half is computed. With ``return_count`` also returns the number of voxels in the ball.
+    The kernel of the core :class:`qsmkit.operators.SMV` (ball of
+    :func:`qsmkit.physics.sphere_mask`, symmetric, so its spectrum is real; only the real FFT's
+    half is computed). With ``return_count`` also returns the number of voxels in the ball.
     """
-    ball = sphere_mask(shape, voxel_size, radius_mm)
-    n_ball = int(ball.sum())
-    kern = sfft.rfftn(ball.astype(np.float32) / np.float32(n_ball), workers=-1).real.astype(np.float32)
-    return (kern, n_ball) if return_count else kern
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    out = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(np.any(mask, axis=other))
-        out.append(slice(int(nz[0]), int(nz[-1]) + 1))
-    return tuple(out)
+    op = SMV(shape, voxel_size, radius_mm)
+    return (op.kernel, op.n_ball) if return_count else op.kernel
 
 
 def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
@@ -115,7 +106,7 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
     m = np.asarray(mask, dtype=bool)
     f_in = np.asarray(field, dtype=np.float32)
     if f_in.shape != m.shape or f_in.ndim != 3:
-        raise ValueError(f"field {f_in.shape} and mask {m.shape} must be the same 3D grid")
+        raise InputDataError(f"field {f_in.shape} and mask {m.shape} must be the same 3D grid")
     vs = tuple(float(v) for v in voxel_size)
     radii = sorted({float(r) for r in (radii_mm or default_radii(vs))}, reverse=True)
     local_full = np.zeros(m.shape, dtype=np.float32)
@@ -125,7 +116,7 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
         return (local_full, eroded_full, info) if return_info else (local_full, eroded_full)
 
     # crop to the bounding box, pad by the largest radius (+1) on every side, FFT-friendly sizes
-    box = _bbox(m)
+    box = bounding_box(m)
     pad = [int(math.ceil(radii[0] / v)) + 1 for v in vs]
     shape = []
     for axis in range(3):
@@ -139,17 +130,19 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
     f[inner] = f_in[box]
     f *= mw
 
-    spec = sfft.rfftn(f, workers=-1)
-    mspec = sfft.rfftn(mw.astype(np.float32), workers=-1)
+    grid = SMV(shape, vs, radii[0])   # the core SMV operators' FFTs (no padding: the box is padded above)
+    spec = grid.to_spectrum(f)
+    mspec = grid.to_spectrum(mw.astype(np.float32))
     hp = np.zeros(shape, dtype=np.float32)
     filled = np.zeros(shape, dtype=bool)   # voxels whose ball (of some radius) fits in the mask
     valid = np.zeros(shape, dtype=bool)    # ... and whose high-passed value is kept
     s_big = None
     spread = None
     for r in radii:
-        s_r, n_ball = smv_kernel_half(shape, vs, r, return_count=True)
+        s_op = grid if r == radii[0] else SMV(shape, vs, r)
+        s_r, n_ball = s_op.kernel, s_op.n_ball
         # the ball of radius r centred at a voxel lies inside the mask iff its mask mean is 1
-        cover = sfft.irfftn(mspec * s_r, s=shape, workers=-1)
+        cover = s_op.from_spectrum(mspec * s_r)
         m_r = cover > np.float32(1.0 - 0.5 / n_ball)
         del cover
         m_r &= mw
@@ -159,7 +152,7 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
         if n_new == 0:
             continue
         filled |= new
-        smooth = sfft.irfftn(spec * s_r, s=shape, workers=-1)
+        smooth = s_op.from_spectrum(spec * s_r)
         np.subtract(f, smooth, out=smooth)  # smooth now holds the high-passed field
         if s_big is None:
             s_big = s_r
@@ -182,7 +175,7 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
     k = np.float32(1.0) - s_big
     inv = np.where(np.abs(k) >= np.float32(threshold), np.float32(1.0) / np.where(k == 0, 1, k), 0).astype(np.float32)
     del k, s_big
-    loc = sfft.irfftn(sfft.rfftn(hp, workers=-1) * inv, s=shape, workers=-1).astype(np.float32, copy=False)
+    loc = grid.filter(hp, inv)
     loc *= filled
     local_full[box] = loc[inner]
     eroded_full[box] = filled[inner]

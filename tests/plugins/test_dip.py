@@ -262,8 +262,8 @@ def test_stage_through_registry_keeps_geometry_and_logs():
     p = cls.validate_params({"iterations": 4, "channels": 4, "depth": 2, "input_channels": 4,
                              "log_every": 2, "device": "cpu"}, where="stages.0")
     lines = []
-    out = cls().run(StageContext({"local_field": vol, "mask": mvol}, stage_label="inversion/dip",
-                                 log=lines.append), p)
+    ctx = StageContext({"local_field": vol, "mask": mvol}, stage_label="inversion/dip", log=lines.append)
+    out = {**cls().run(ctx, p), "metrics": ctx.metrics}
     chi = out["chi"]
     assert chi.units == "ppm" and np.array_equal(chi.affine, vol.affine) and chi.data.dtype == np.float32
     assert np.all(chi.data[~mask] == 0)

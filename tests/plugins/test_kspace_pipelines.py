@@ -15,9 +15,9 @@ from qsmkit_kspace.simulate import simulate_kspace_files  # noqa: E402
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
 CASES = [
     ("fastmri_zero_filled.yaml", "fastmri", []),
-    ("fastmri_sense.yaml", "fastmri", ["stages.3.params.iterations=10"]),
-    ("fastmri_cs.yaml", "fastmri", ["stages.3.params.iterations=10"]),
-    ("skmtea_sense.yaml", "skmtea", ["stages.3.params.iterations=10"]),
+    ("fastmri_sense.yaml", "fastmri", ["stages.3.params.max_iter=10"]),
+    ("fastmri_cs.yaml", "fastmri", ["stages.3.params.max_iter=10"]),
+    ("skmtea_sense.yaml", "skmtea", ["stages.3.params.max_iter=10"]),
 ]
 
 

@@ -7,18 +7,15 @@ entry-point group of this distribution, exactly as any external package would be
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit import fft as qfft
-from qsmkit.physics import dipole_kernel
+from qsmkit.operators import Dipole
 
 
 def tikhonov(field, mask, voxel_size, b0_dir, alpha=0.01, padding=1.5):
-    """Closed-form Tikhonov inversion of a local field (ppm) -> chi (ppm)."""
+    """Closed-form Tikhonov inversion of a local field (ppm) -> chi (ppm), on the core Dipole operator."""
     m = mask > 0
-    f = np.where(m, field, 0).astype(np.float32)
-    shape = qfft.padded_shape(f.shape, padding)
-    d = dipole_kernel(shape, voxel_size, b0_dir)
-    spec = qfft.fftn(qfft.pad_center(f, shape)) * (d / (d * d + np.float32(alpha)))
-    chi = qfft.crop_center(qfft.ifftn(spec).real, f.shape).astype(np.float32)
+    dipole = Dipole(m.shape, voxel_size, b0_dir, padding=padding)
+    d = dipole.kernel
+    chi = dipole.filter(np.where(m, field, 0).astype(np.float32), d / (d * d + np.float32(alpha)))
     return np.where(m, chi, 0).astype(np.float32)
 
 

@@ -1,0 +1,48 @@
+"""Linear operators and the solvers every method shares (in the spirit of sigpy's ``Linop``).
+
+A :class:`Linop` maps arrays of shape :attr:`~Linop.ishape` to arrays of shape
+:attr:`~Linop.oshape`. It has :meth:`~Linop.apply` (``A x``), :meth:`~Linop.adjoint`
+(``A^H y``) and :meth:`~Linop.normal` (``A^H A x``; a subclass may override it with a fast path),
+``A.H`` (the adjoint as an operator) and ``A.N`` (the normal operator). Operators compose with
+``A @ B`` (or ``A * B``), add with ``A + B`` / ``A - B`` and scale with ``c * A``. Every operator
+here works on numpy arrays and on torch tensors (CPU or GPU; differentiable where the method
+needs autograd); the backend follows the input. Heavy imports (torch) happen only when a torch
+tensor arrives.
+
+Operators defined here:
+
+* :class:`FourierMultiplier`: ``crop . iFFT . K . FFT . pad`` with a real kernel ``K`` on a
+  zero-padded grid (full or real-FFT half spectrum);
+* :class:`Dipole`: THE dipole convolution (``K`` = :func:`qsmkit.physics.dipole_kernel`; field in
+  ppm from chi in ppm), arbitrary B0 direction and voxel size;
+* :class:`SMV`: the spherical mean value filter (``K`` = :func:`qsmkit.physics.smv_kernel`);
+* :class:`Gradient`: forward or backward finite differences (1/mm, or unscaled); its adjoint is
+  minus the divergence;
+* :class:`Diagonal`: pointwise weights and masks;
+* :class:`Identity`, and the algebra (:class:`Compose`, :class:`Sum`, :class:`Scaled`,
+  :class:`Adjoint`, :class:`Normal`).
+
+Solvers: :func:`cg` (preconditioned conjugate gradients, batched, ONE stopping rule:
+``||r|| / ||b|| <= tol`` or ``max_iter``) and :func:`power_iteration` (largest eigenvalue of
+``A^H A``, e.g. a Lipschitz constant). Grid helper: :func:`bounding_box`.
+
+Modules: :mod:`~qsmkit.operators.base` (``Linop``, algebra, ``Diagonal``),
+:mod:`~qsmkit.operators.fourier` (``FourierMultiplier``, ``Dipole``, ``SMV``),
+:mod:`~qsmkit.operators.gradient`, :mod:`~qsmkit.operators.solvers` (``cg``, ``power_iteration``),
+:mod:`~qsmkit.operators.grid` (``bounding_box``). Import everything from ``qsmkit.operators``.
+
+Every subclass of :class:`Linop` may provide a small example instance (classmethod
+``example``); ``tests/test_operators.py`` runs the adjoint and linearity checks on every
+subclass defined by the core and the built-in plugins, found through :func:`all_operator_classes`.
+"""
+
+from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, Sum, all_operator_classes,
+                   is_torch)
+from .fourier import SMV, Dipole, FourierMultiplier
+from .gradient import Gradient
+from .grid import bounding_box
+from .solvers import CGInfo, cg, power_iteration
+
+__all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
+           "FourierMultiplier", "Dipole", "SMV", "Gradient", "cg", "CGInfo", "power_iteration",
+           "bounding_box", "all_operator_classes", "is_torch"]

@@ -1,0 +1,145 @@
+"""Running a validated plan: lock the output folder, load inputs, run the steps, record, commit.
+
+Nothing is written unless every stage succeeded; then every Volume artifact a stage produced
+lands as ``<artifact>.nii.gz`` (JSON-ready values as ``<artifact>.json``), with
+``metrics.json`` (when a ground truth or a stage supplies metrics) and ``provenance.json`` last
+(see :mod:`qsmkit.pipeline.outputs` for the folder rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import inputs as _in
+from ..registry import StageRegistry
+from ..stage import Params
+from ..volume import Volume
+from .fanout import run_steps
+from .outputs import PROVENANCE, OutputFolder, pipeline_identity
+from .plan import Plan
+from .provenance import provenance, truth_metrics
+
+
+def _log_default(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_inputs(plan: Plan) -> tuple[dict, list[dict] | None, dict]:
+    """Load the prepared inputs' data; returns (artifacts, per-acquisition artifacts or None, truth)."""
+    inputs = plan.inputs
+    b0_world = inputs.get("b0_direction")
+    per: list[dict] | None = None
+    if "simulate" in inputs:
+        art, per = _in.simulate_inputs(inputs["simulate"])
+        art.update({k: v for k, v in inputs.items() if k not in _in.RESERVED})
+    elif "orientations" in inputs:
+        per = [_in.load_acquisition(o, f"inputs.orientations.{i}", b0_world, inputs)
+               for i, o in enumerate(inputs["orientations"])]
+        art = dict(per[0])
+    else:
+        art = _in.load_acquisition(inputs, "inputs", b0_world, inputs)
+    truth = art.pop("truth", None) or {}
+    for a in per or []:
+        a.pop("truth", None)
+    return art, per, truth
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the final artifacts, the files written and the provenance record."""
+
+    artifacts: dict
+    files: list
+    provenance: dict
+    metrics: dict
+
+
+def _json_ready(value: Any) -> bool:
+    from ..io.atomic import _jsonable
+
+    try:
+        json.dumps(value, default=_jsonable)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _stage_files(folder: OutputFolder, art: dict, produced: set[str], metrics: dict, record: dict,
+                 t_all: float) -> list[str]:
+    """Write the outputs into the staging folder; returns their names (``provenance.json`` last)."""
+    from ..io import save_nifti, write_json
+
+    stage = folder.stage_dir()
+    names: list[str] = []
+    for name in sorted(produced):
+        value = art.get(name)
+        if isinstance(value, Volume):
+            save_nifti(value, stage / f"{name}.nii.gz")
+            names.append(f"{name}.nii.gz")
+        elif isinstance(value, (dict, list)) and _json_ready(value):  # e.g. registration transforms
+            write_json(value, stage / f"{name}.json")
+            names.append(f"{name}.json")
+    if metrics:
+        write_json(metrics, stage / "metrics.json")
+        names.append("metrics.json")
+    record["outputs"] = names + [PROVENANCE]
+    record["other_files"] = sorted(folder.state.foreign - set(record["outputs"]))
+    record["duration_s"] = round(time.perf_counter() - t_all, 3)
+    write_json(record, stage / PROVENANCE)
+    return names + [PROVENANCE]
+
+
+def resolve_run_device(plan: Plan, log: Callable[[str], None]) -> str | None:
+    """Resolve the run's device once and hand it to every torch stage whose ``device`` is ``auto``.
+
+    numpy-only stages (those declaring :data:`qsmkit.params.CPU_DEVICE`) do not make a run import torch.
+    """
+    from ..params import CPU_DEVICE
+
+    auto = [s for s in plan.steps if s.run and s.params.get("device", None) == "auto"
+            and s.cls.param_map().get("device") is not CPU_DEVICE]
+    if not auto:
+        return None
+    from ..device import resolve_device
+
+    device = resolve_device(plan.device).type
+    for step in auto:
+        step.params = Params({**step.params, "device": device})
+    log(f"device: {device} (for the stages set to auto)")
+    return device
+
+
+def run_plan(plan: Plan, registry: StageRegistry | None = None, log: Callable[[str], None] = _log_default,
+             write: bool = True) -> RunResult:
+    """Run a validated plan: load inputs, run stages, then write outputs atomically (if ``write``)."""
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t_all = time.perf_counter()
+    folder_cm = OutputFolder(plan) if write else contextlib.nullcontext()
+    with folder_cm as folder:
+        for note in plan.notes:
+            log(note)
+        device = resolve_run_device(plan, log)
+        art, per, truth = load_inputs(plan)
+
+        def provider(step) -> dict:
+            if registry is None:
+                return {}
+            plugin, dist = registry.provider(step.kind, step.method)
+            return {"plugin": plugin, "distribution": dist}
+
+        res = run_steps(plan, art, per, log, provider)
+        metrics = {**res.metrics, **truth_metrics(res.artifacts, truth, res.produced)}
+        record = provenance(plan, pipeline_identity(plan.name, plan.source), res.records, started)
+        record["device"] = device
+        files: list = []
+        if write:
+            names = _stage_files(folder, res.artifacts, res.produced, metrics, record, t_all)
+            files = folder.commit(names)
+            log(f"wrote {len(files)} files to {plan.output_dir}")
+    return RunResult(res.artifacts, files, record, metrics)
