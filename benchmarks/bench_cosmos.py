@@ -52,8 +52,13 @@ def _run_stage(registry, kind, method, art, params=None, log=None):
     cls = registry.get(kind, method)
     p = cls.validate_params(params or {}, where=f"{kind}/{method}")
     t0 = time.perf_counter()
-    out = cls().run(StageContext(art, stage_label=f"{kind}/{method}", log=log or (lambda m: None)), p)
-    return out, time.perf_counter() - t0
+    ctx = StageContext(art, stage_label=f"{kind}/{method}", log=log or (lambda m: None))
+    out = cls().run(ctx, p)
+    dt = time.perf_counter() - t0
+    metrics = getattr(ctx, "metrics", None)   # stages report metrics through the context
+    if metrics and "metrics" not in out:
+        out = {**out, "metrics": metrics}
+    return out, dt
 
 
 def _quadratic_share(estimate: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict:

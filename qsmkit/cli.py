@@ -194,7 +194,7 @@ def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direct
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_json: bool) -> None:
     """Compare an estimate with a ground truth (both demeaned over the mask)."""
-    from .inputs import check_same_grid
+    from .io.acquisition import check_same_grid
     from .io import load_nifti
     from .metrics import evaluate as _evaluate
 

@@ -4,7 +4,8 @@
 every key is known (else "unknown key, did you mean ..."), every file is a supported file whose
 header fits the file and the machine, magnitude and phase agree in echoes and grid, and the
 acquisition (echo times, field strength) is completed from the pipeline or from the JSON
-sidecars of the phase files, which must agree where both give a value. :func:`load_acquisition`
+sidecars of the phase files, which must agree where both give a value.
+:func:`qsmkit.io.acquisition.load_acquisition`
 then reads the voxel data. So whatever validation accepts does not later fail on its form, and
 bad input stops the run with a one-line :class:`~qsmkit.errors.QsmkitError` before anything is
 written.
@@ -13,16 +14,14 @@ written.
 from __future__ import annotations
 
 import inspect
-import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import ConfigError, GeometryError, InputDataError, QsmkitWarning, UnitsError
-from .volume import Volume
+from .errors import ConfigError, GeometryError, InputDataError, UnitsError
+from .io.sidecars import NIFTI_SUFFIXES, read_sidecar, sidecar_echo_times, sidecar_path
 
 #: acquisition keys of an ``inputs`` section (any other key is an artifact given as a file or value)
 ACQUISITION = {"magnitude", "phase", "echo_times", "field_strength", "phase_units", "invert_phase",
@@ -33,7 +32,6 @@ RESERVED = ACQUISITION | {"simulate", "orientations"}
 UNITS = {"total_field": "ppm", "local_field": "ppm", "chi": "ppm", "unwrapped_phase": "rad",
          "phase": "rad", "noise_weight": "1/ppm", "magnitude": "a.u.", "mask": "bool"}
 MASK_LIKE = {"mask", "csf_mask"}
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".mat")
 #: inputs that must be files: NIfTI images, or HDF5 for k-space
 FILE_KEYS = set(UNITS) | MASK_LIKE | {"kspace"}
@@ -111,50 +109,6 @@ def _check_b0_direction(value: Any) -> None:
 def _check_flag(inputs: Mapping[str, Any], key: str) -> None:
     if key in inputs and not isinstance(inputs[key], bool):
         raise ConfigError(f"inputs.{key} must be true or false, got {inputs[key]!r}")
-
-
-# --------------------------------------------------------------------------- sidecars
-def sidecar_path(path: Path) -> Path:
-    """The JSON sidecar of an image: same name with ``.json`` instead of ``.nii``/``.nii.gz``."""
-    name = path.name
-    for suffix in sorted(NIFTI_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    return path.with_name(name + ".json")
-
-
-def read_sidecar(path: Path) -> dict:
-    """The JSON sidecar of ``path`` as a dict (``{}`` when there is none)."""
-    side = sidecar_path(path)
-    if not side.exists():
-        return {}
-    try:
-        data = json.loads(side.read_text())
-    except (OSError, ValueError) as exc:
-        raise InputDataError(f"{side}: JSON sidecar is not valid JSON ({exc}); fix or remove it") from None
-    if not isinstance(data, dict):
-        raise InputDataError(f"{side}: JSON sidecar must be an object with keys such as EchoTime; fix or remove it")
-    return data
-
-
-def _sidecar_echo_times(files: list[Path], sides: list[dict]) -> tuple[list[float] | None, str]:
-    """Echo times (s) from the sidecars of a 4D file or of per-echo files; (None, '') when absent."""
-    if not any(sides):
-        return None, ""
-    if len(files) == 1:
-        te = sides[0].get("EchoTimes", sides[0].get("EchoTime"))
-        if te is None:
-            return None, ""
-        return list(np.atleast_1d(np.asarray(te, dtype=float)).tolist()), str(sidecar_path(files[0]))
-    values = []
-    for f, s in zip(files, sides):
-        te = s.get("EchoTime")
-        if te is None or isinstance(te, (list, dict, bool)):
-            raise InputDataError(f"{sidecar_path(f)}: no single EchoTime; every per-echo file needs its EchoTime "
-                                 f"(seconds), or remove the sidecars and give inputs.echo_times")
-        values.append(float(te))
-    return values, f"the sidecars of {files[0].parent}/{files[0].name} ... {files[-1].name}"
 
 
 def _agree(a: Iterable[float], b: Iterable[float]) -> bool:
@@ -249,7 +203,7 @@ def _probe_acquisition(acq: dict, where: str, common: Mapping[str, Any], notes: 
     files = acq["phase"] if isinstance(acq["phase"], list) else [acq["phase"]]
     use_sidecars = not common.get("ignore_sidecars", False)
     sides = [read_sidecar(f) for f in files] if use_sidecars else [{} for _ in files]
-    side_te, side_where = _sidecar_echo_times(files, sides) if use_sidecars else (None, "")
+    side_te, side_where = sidecar_echo_times(files, sides) if use_sidecars else (None, "")
     te = acq.get("echo_times", common.get("echo_times"))
     if te is not None:
         te = check_echo_times(te, n_echoes, f"{where}.echo_times" if "echo_times" in acq else "inputs.echo_times")
@@ -385,102 +339,6 @@ def prepare_inputs(raw: Any, base: Path, touched: set[str], artifacts: Iterable[
     return PreparedInputs(values, notes)
 
 
-# --------------------------------------------------------------------------- loading
-def convert_phase(vol: Volume, units: str, invert: bool) -> Volume:
-    """Phase data to radians in [-pi, pi), checking that ``rad`` data really are radians."""
-    data = vol.data
-    if units == "rad":
-        lo, hi = float(np.min(data)), float(np.max(data))
-        if lo < -np.pi * 1.01 or hi > np.pi * 1.01:
-            raise UnitsError(f"phase: values span [{lo:g}, {hi:g}], not radians in [-pi, pi]; set "
-                             f"inputs.phase_units: scaled (vendor integer range, rescaled to [-pi, pi)) or deg")
-    elif units == "deg":
-        data = np.deg2rad(data)
-    elif units == "scaled":
-        lo, hi = float(np.min(data)), float(np.max(data))
-        if hi <= lo:
-            raise InputDataError("phase: all values are equal; the phase image holds no phase")
-        data = (data - lo) / (hi - lo) * np.float32(2 * np.pi) - np.float32(np.pi)
-    data = data.astype(np.float32, copy=False)
-    if invert:
-        data = -data
-    vol.data = np.angle(np.exp(1j * data)).astype(np.float32) if units != "rad" or invert else data
-    vol.units = "rad"
-    return vol
-
-
-def check_same_grid(vols: Mapping[str, Volume], where: str = "inputs") -> None:
-    """Raise :class:`GeometryError` unless every volume shares the first one's grid and affine."""
-    items = list(vols.items())
-    if not items:
-        return
-    ref_name, ref = items[0]
-    for name, vol in items[1:]:
-        if vol.grid_shape != ref.grid_shape:
-            raise GeometryError(f"{where}: {name} has grid {vol.grid_shape} but {ref_name} has {ref.grid_shape}; "
-                                f"all inputs must be on the same voxel grid (resample them first)")
-        if not np.allclose(vol.affine, ref.affine, atol=1e-4, rtol=0):
-            raise GeometryError(f"{where}: {name} and {ref_name} have different affines (orientation or position); "
-                                f"all inputs must share one voxel grid")
-
-
-def _as4d(vol: Volume) -> Volume:
-    if vol.data.ndim == 3:
-        vol.data = vol.data[..., None]
-    return vol
-
-
-def _load_echoes(files: list[Path], where: str, units: str, b0_world) -> Volume:
-    """Per-echo 3D files stacked into one 4D volume (geometry and header of the first)."""
-    from .io.nifti import load_nifti
-
-    vols = [load_nifti(f, name=f"{where}.{i}", units=units, b0_world=b0_world) for i, f in enumerate(files)]
-    first = vols[0]
-    data = np.stack([v.data.reshape(v.grid_shape) for v in vols], axis=3)
-    return first.like(data, sources=[str(f) for f in files])
-
-
-def _binarise(vol: Volume, where: str) -> Volume:
-    if vol.data.ndim == 4:
-        vol.data = vol.data[..., 0]
-    values = np.unique(vol.data) if vol.data.size <= 1 << 24 else np.unique(vol.data[::7])
-    if not np.all(np.isin(values, (0.0, 1.0))):
-        warnings.warn(f"{where}: mask values span {values.min():g}..{values.max():g}, not 0/1; voxels > 0.5 are "
-                      f"taken as the mask (give a 0/1 mask to make this explicit)", QsmkitWarning, stacklevel=2)
-    vol.data = vol.data > 0.5
-    if not vol.data.any():
-        raise InputDataError(f"{where}: the mask is empty (no voxel > 0.5)")
-    return vol
-
-
-def load_acquisition(spec: Mapping[str, Any], where: str, b0_world, common: Mapping[str, Any]) -> dict:
-    """Load one prepared acquisition (``magnitude``/``phase``/extra artifact files) into artifacts."""
-    from .io.nifti import load_nifti
-
-    art: dict[str, Any] = {}
-    vols: dict[str, Volume] = {}
-    for key, value in spec.items():
-        if key in ("phase_units", "invert_phase", "b0_direction", "ignore_sidecars"):
-            continue
-        if isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
-            vols[key] = _load_echoes(value, f"{where}.{key}", UNITS.get(key, ""), b0_world)
-        elif isinstance(value, Path) and is_nifti_path(value.name):
-            vol = load_nifti(value, name=f"{where}.{key}", units=UNITS.get(key, ""), b0_world=b0_world)
-            vols[key] = _binarise(vol, f"{where}.{key}") if key in MASK_LIKE else vol
-        elif key == "echo_times":
-            art[key] = np.asarray(value, dtype=np.float64)
-        else:
-            art[key] = value
-    if "phase" in vols:
-        vols["phase"] = convert_phase(_as4d(vols["phase"]), common.get("phase_units", "rad"),
-                                      bool(common.get("invert_phase", False)))
-    if "magnitude" in vols:
-        _as4d(vols["magnitude"])
-    check_same_grid(vols, where)
-    art.update(vols)
-    return art
-
-
 def simulate_options(options: Mapping[str, Any]) -> tuple[Any, Any, dict]:
     """Check ``inputs.simulate``; returns (simulator function, orientations or None, keyword options)."""
     from . import simulate
@@ -502,16 +360,3 @@ def simulate_options(options: Mapping[str, Any]) -> tuple[Any, Any, dict]:
     if "echo_times" in opts:
         opts["echo_times"] = tuple(check_echo_times(opts["echo_times"], None))
     return fn, rotations, opts
-
-
-def simulate_inputs(options: Mapping[str, Any]) -> tuple[dict, list[dict] | None]:
-    """Run the built-in phantom for ``inputs.simulate``; returns (artifacts, per-orientation artifacts)."""
-    fn, rotations, opts = simulate_options(options)
-    try:
-        result = fn(rotations, **opts) if rotations is not None else fn(**opts)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"inputs.simulate: {exc}") from None
-    if rotations is None:
-        return result.artifacts(), None
-    per = [ph.artifacts() for ph in result]
-    return dict(per[0]), per

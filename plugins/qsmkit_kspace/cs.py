@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from qsmkit.device import resolve_device
 from qsmkit.errors import InputDataError, ParameterError
 
 from .sense import SenseOp
@@ -45,13 +46,12 @@ class Wavelet2D:
         Requested decomposition levels.
     backend : str
         ``pywt``, ``ptwt`` or ``auto`` (pywt on CPU, ptwt on CUDA).
-    device : torch.device
-        Where the images live.
+    device : torch.device or str
+        Where the images live (anything :func:`qsmkit.device.resolve_device` accepts; default CPU).
     """
 
-    def __init__(self, shape, wavelet: str = "db4", levels: int = 4, backend: str = "auto", device=None):
+    def __init__(self, shape, wavelet: str = "db4", levels: int = 4, backend: str = "auto", device="cpu"):
         import pywt
-        import torch
 
         try:
             w = pywt.Wavelet(wavelet)
@@ -59,7 +59,7 @@ class Wavelet2D:
             raise ParameterError(f"unknown wavelet '{wavelet}'; use an orthogonal one such as db1, db4, sym4, coif1") from None
         if not w.orthogonal:
             raise ParameterError(f"wavelet '{wavelet}' is not orthogonal; use e.g. db4, sym4 or coif1")
-        self.device = device if device is not None else torch.device("cpu")
+        self.device = resolve_device(device)
         if backend == "auto":
             backend = "ptwt" if self.device.type == "cuda" else "pywt"
         if backend not in ("pywt", "ptwt"):

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qsmkit.device import resolve_device
 from qsmkit.errors import InputDataError, ParameterError
 
 from .masks import fully_sampled_center
@@ -135,13 +136,24 @@ def espirit_slice(ksp, calib: tuple[int, int], kernel: int = 6, threshold: float
     -------
     (maps, eigenvalues) : torch.Tensor ``(n_maps, C, H, W)`` complex64, ``(n_maps, H, W)`` float32
     """
-    import torch
-
     C, H, W = ksp.shape
     ch, cw = calib
     h0, w0 = H // 2 - ch // 2, W // 2 - cw // 2
     cal = ksp[:, h0:h0 + ch, w0:w0 + cw]
-    k = int(kernel)
+    hh_t, lags = _calibration_kernels(cal, int(kernel), threshold)
+    E1, E2 = _lag_phases(H, lags), _lag_phases(W, lags)
+    v0_all, ref = _start_vectors(ksp, cal, h0, w0)
+    vecs, eigs = _eigenvectors(E1, E2, hh_t, v0_all, n_maps, iterations, tol, crop, softcrop)
+    return _referenced_maps(vecs, eigs, ref, crop, softcrop, (C, H, W))
+
+
+def _calibration_kernels(cal, k: int, threshold: float):
+    """The signal-subspace projector of the calibration data ``cal`` (C, ch, cw) as k-space kernels:
+    ``(hh_t, lags)`` with ``hh_t[d1, d2]`` the ``C x C`` kernel (flattened) at lags ``(d1, d2)``, ascending
+    from ``-(k - 1)`` to ``k - 1``."""
+    import torch
+
+    C = cal.shape[0]
     # block-Hankel calibration matrix: rows = patches, columns = (coil, ky, kx) of a patch
     patches = cal.unfold(1, k, 1).unfold(2, k, 1)  # (C, nh, nw, k, k)
     A = patches.permute(1, 2, 0, 3, 4).reshape(-1, C * k * k)
@@ -156,30 +168,48 @@ def espirit_slice(ksp, calib: tuple[int, int], kernel: int = 6, threshold: float
     Fk = torch.fft.fft2(Wk, s=(L, L))
     Hh = torch.einsum("kcxy,kdxy->cdxy", Fk, Fk.conj())
     h = torch.fft.ifft2(Hh) / (k * k)  # lag d at index d mod L
-    lags = torch.arange(-(k - 1), k, device=ksp.device)
+    lags = torch.arange(-(k - 1), k, device=cal.device)
     hh = h[:, :, lags % L][:, :, :, lags % L]  # (C, C, D, D), lags ascending
-    xa = torch.arange(H, device=ksp.device, dtype=torch.float64) - H // 2
-    xb = torch.arange(W, device=ksp.device, dtype=torch.float64) - W // 2
-    lg = lags.to(torch.float64)
-    E1 = torch.exp(2j * np.pi * torch.outer(xa, lg) / H).to(torch.complex64)  # (H, D)
-    E2 = torch.exp(2j * np.pi * torch.outer(xb, lg) / W).to(torch.complex64)  # (W, D)
-    hh_t = hh.permute(2, 3, 0, 1).reshape(hh.shape[2], hh.shape[3], C * C)  # (D, D, C*C)
-    del Hh, h, hh
-    # start from the low-resolution coil images of the calibration data
-    low = torch.zeros((C, H, W), dtype=torch.complex64, device=ksp.device)
-    low[:, h0:h0 + ch, w0:w0 + cw] = cal
+    return hh.permute(2, 3, 0, 1).reshape(hh.shape[2], hh.shape[3], C * C), lags  # (D, D, C*C)
+
+
+def _lag_phases(n: int, lags):
+    """``exp(2 pi i x d / n)`` for the centred grid positions ``x`` of an axis of ``n`` and the ``lags``
+    ``d``: ``(n, D)`` complex64 (the exact band-limited evaluation of the kernels on the grid)."""
+    import torch
+
+    x = torch.arange(n, device=lags.device, dtype=torch.float64) - n // 2
+    return torch.exp(2j * np.pi * torch.outer(x, lags.to(torch.float64)) / n).to(torch.complex64)
+
+
+def _start_vectors(ksp, cal, h0: int, w0: int):
+    """``(v0, ref)``: the low-resolution coil images of the calibration data ``(H * W, C)`` (where the
+    power iteration starts) and the first principal component of the calibration data (phase reference)."""
+    import torch
+
     from .transforms import ifft2c
 
+    C, H, W = ksp.shape
+    ch, cw = cal.shape[1:]
+    low = torch.zeros((C, H, W), dtype=torch.complex64, device=ksp.device)
+    low[:, h0:h0 + ch, w0:w0 + cw] = cal
     v0_all = ifft2c(low).reshape(C, -1).T.contiguous()  # (N, C)
-    # phase reference: first principal component of the calibration data
     with _single_thread():
         u, _, _ = torch.linalg.svd(cal.reshape(C, -1), full_matrices=False)
-    ref = u[:, 0]
+    return v0_all, u[:, 0]
+
+
+def _eigenvectors(E1, E2, hh_t, v0_all, n_maps: int, iterations: int, tol: float, crop: float, softcrop: bool):
+    """Dominant eigenvectors and eigenvalues of the pointwise matrices ``G(x)`` by power iteration, in
+    chunks of image rows: ``(vectors, eigenvalues)``, one ``(H * W, C)`` and ``(H * W,)`` per map."""
+    import torch
+
+    H, W, C = E1.shape[0], E2.shape[0], v0_all.shape[1]
     # voxels whose eigenvalue is clearly below the crop after a few iterations are cropped anyway
     # (||G v|| <= lambda_max): the remaining iterations only run on the others
     screen = 0.5 * crop if not softcrop else 0.5 * max(2 * crop - 1, 0.0) ** 2
     prev_all = [torch.empty_like(v0_all) for _ in range(int(n_maps))]
-    eigs_all = [torch.empty(H * W, device=ksp.device) for _ in range(int(n_maps))]
+    eigs_all = [torch.empty(H * W, device=v0_all.device) for _ in range(int(n_maps))]
     # rows of the image in chunks of about 64 MB of matrices (cache and memory friendly)
     rows = max(1, int(64e6 // (W * C * C * 8)))
     iters_used = [0] * int(n_maps)
@@ -212,9 +242,17 @@ def espirit_slice(ksp, calib: tuple[int, int], kernel: int = 6, threshold: float
             eigs_all[m][sl] = lam
         del G
     last_iterations[:] = iters_used
-    prev, eigs = prev_all, eigs_all
+    return prev_all, eigs_all
+
+
+def _referenced_maps(vecs, eigs, ref, crop: float, softcrop: bool, shape):
+    """Maps phase-referenced to ``ref`` and cropped (or soft-weighted) by their eigenvalues:
+    ``(n_maps, C, H, W)`` complex64 and ``(n_maps, H, W)`` float32."""
+    import torch
+
+    C, H, W = shape
     out_maps, out_eigs = [], []
-    for v, lam in zip(prev, eigs):
+    for v, lam in zip(vecs, eigs):
         r = (ref.conj() * v).sum(-1, keepdim=True)
         v = v * (r.conj() / r.abs().clamp_min(1e-30))
         if softcrop:
@@ -229,7 +267,7 @@ def espirit_slice(ksp, calib: tuple[int, int], kernel: int = 6, threshold: float
 
 def espirit_maps(kspace: np.ndarray, mask: np.ndarray | None = None, calib: Sequence[int] = (24, 24),
                  kernel: int = 6, threshold: float = 0.001, crop: float = 0.8, n_maps: int = 1,
-                 iterations: int = 30, tol: float = 1e-4, softcrop: bool = False, device=None,
+                 iterations: int = 30, tol: float = 1e-4, softcrop: bool = False, device="cpu",
                  log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ESPIRiT maps of every slice of multi-coil k-space.
 
@@ -244,8 +282,8 @@ def espirit_maps(kspace: np.ndarray, mask: np.ndarray | None = None, calib: Sequ
         Requested calibration box (BART default 24 x 24).
     kernel, threshold, crop, n_maps, iterations, tol, softcrop
         See :func:`espirit_slice` (BART defaults: 6, 0.001, 0.8, 1 map).
-    device : torch.device or None
-        Device to compute on (default CPU).
+    device : torch.device or str
+        Device to compute on (anything :func:`qsmkit.device.resolve_device` accepts; default CPU).
 
     Returns
     -------
@@ -262,7 +300,7 @@ def espirit_maps(kspace: np.ndarray, mask: np.ndarray | None = None, calib: Sequ
         raise ParameterError(f"maps = {n_maps}; ESPIRiT here computes 1 or 2 sets of maps")
     if n_maps > C:
         raise ParameterError(f"maps = {n_maps} but the data has only {C} coil(s)")
-    dev = device if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     cal = calibration_region((H, W), calib, mask, kernel, kspace=kspace[0] if mask is None else None)
     if log and tuple(cal) != (min(calib[0], H), min(calib[1], W)):
         log(f"ESPIRiT calibration region shrunk to the fully sampled {cal[0]}x{cal[1]} centre")

@@ -1,10 +1,8 @@
 """Simulated multi-coil k-space with ground truth, and small files in the fastMRI / skm-tea layouts.
 
-The object is a 3D Shepp-Logan-like ellipsoid phantom (piecewise constant magnitude with a
-smooth low-order phase). Coil sensitivities are the receive fields ``B_x - i B_y`` of circular
-loop coils on a cylinder around the object, computed with the Biot-Savart law (loops cut in
-segments), so they are smooth, complex and realistically overlapping. Noise is complex
-Gaussian, white in k-space.
+The object and its coils (a 3D Shepp-Logan-like phantom, loop-coil sensitivities by the
+Biot-Savart law, complex Gaussian noise white in k-space) are simulated by :mod:`.multicoil`,
+whose names are re-exported here.
 
 :func:`simulate_kspace_files` writes:
 
@@ -20,190 +18,17 @@ Gaussian, white in k-space.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .multicoil import loop_coil_sensitivities, shepp_logan_3d, simulate_multicoil
 from .transforms import fft2c_np, ifft2c_np
 
 __all__ = ["shepp_logan_3d", "loop_coil_sensitivities", "simulate_multicoil", "simulate_kspace_files",
            "ismrmrd_header_xml"]
-
-# intensity, semi-axes (a, b, c), centre (x0, y0, z0), rotation about z (deg)
-_ELLIPSOIDS = (
-    (1.00, (0.690, 0.920, 0.810), (0.00, 0.000, 0.00), 0.0),
-    (-0.80, (0.6624, 0.874, 0.780), (0.00, -0.0184, 0.00), 0.0),
-    (-0.20, (0.110, 0.310, 0.220), (0.22, 0.000, 0.00), -18.0),
-    (-0.20, (0.160, 0.410, 0.280), (-0.22, 0.000, 0.00), 18.0),
-    (0.20, (0.210, 0.250, 0.410), (0.00, 0.350, -0.15), 0.0),
-    (0.15, (0.046, 0.046, 0.050), (0.00, 0.100, 0.25), 0.0),
-    (0.15, (0.046, 0.046, 0.050), (0.00, -0.100, 0.25), 0.0),
-    (0.15, (0.046, 0.023, 0.050), (-0.08, -0.605, 0.00), 0.0),
-    (0.15, (0.023, 0.023, 0.020), (0.00, -0.606, 0.00), 0.0),
-    (0.15, (0.023, 0.046, 0.020), (0.06, -0.605, 0.00), 0.0),
-)
-
-
-def shepp_logan_3d(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """3D Shepp-Logan magnitude at normalised coordinates (the head fills [-1, 1]^3), float32."""
-    out = np.zeros(np.broadcast(x, y, z).shape, dtype=np.float32)
-    for amp, (a, b, c), (x0, y0, z0), phi in _ELLIPSOIDS:
-        t = np.deg2rad(phi)
-        xr = (x - x0) * np.cos(t) + (y - y0) * np.sin(t)
-        yr = -(x - x0) * np.sin(t) + (y - y0) * np.cos(t)
-        inside = (xr / a) ** 2 + (yr / b) ** 2 + ((z - z0) / c) ** 2 <= 1.0
-        out[inside] += amp
-    return out
-
-
-def loop_coil_sensitivities(points: np.ndarray, n_coils: int, coil_radius: float = 1.35,
-                            loop_radius: float = 0.55, n_rings: int | None = None,
-                            ring_spacing: float = 0.9, n_segments: int = 24) -> np.ndarray:
-    """Receive sensitivities ``B_x - i B_y`` of loop coils on a cylinder (Biot-Savart).
-
-    Parameters
-    ----------
-    points : ndarray, (N, 3)
-        Positions (normalised units; the object fills [-1, 1]).
-    n_coils : int
-        Number of loops, spread over ``n_rings`` rings along z (default 1 ring up to 8 coils,
-        else ``ceil(n / 8)`` rings) and evenly in angle (rings rotated against each other).
-    coil_radius, loop_radius, ring_spacing : float
-        Cylinder radius, loop radius and distance between rings (normalised units).
-    n_segments : int
-        Straight segments per loop.
-
-    Returns
-    -------
-    ndarray, complex64, (n_coils, N)
-    """
-    pts = np.asarray(points, dtype=np.float64)
-    rings = n_rings or int(np.ceil(n_coils / 8))
-    per_ring = [n_coils // rings + (1 if r < n_coils % rings else 0) for r in range(rings)]
-    tt = np.linspace(0, 2 * np.pi, n_segments, endpoint=False)
-    out = np.empty((n_coils, pts.shape[0]), dtype=np.complex64)
-    j = 0
-    for r, nr in enumerate(per_ring):
-        zc = (r - (rings - 1) / 2) * ring_spacing
-        for i in range(nr):
-            th = 2 * np.pi * i / nr + np.pi * r / max(nr, 1)
-            nrm = np.array([np.cos(th), np.sin(th), 0.0])
-            e1 = np.array([-np.sin(th), np.cos(th), 0.0])
-            e2 = np.array([0.0, 0.0, 1.0])
-            centre = coil_radius * nrm + np.array([0.0, 0.0, zc])
-            loop = centre + loop_radius * (np.cos(tt)[:, None] * e1 + np.sin(tt)[:, None] * e2)
-            dl = np.roll(loop, -1, axis=0) - loop
-            mid = loop + 0.5 * dl
-            bx = np.empty(pts.shape[0])
-            by = np.empty(pts.shape[0])
-            for chunk in range(0, pts.shape[0], 32768):
-                p = pts[chunk:chunk + 32768]
-                rx = p[:, 0:1] - mid[None, :, 0]  # (n, seg)
-                ry = p[:, 1:2] - mid[None, :, 1]
-                rz = p[:, 2:3] - mid[None, :, 2]
-                inv = np.maximum(np.sqrt(rx * rx + ry * ry + rz * rz), 0.05) ** -3
-                # (dl x R)_x and _y, summed over the segments (Biot-Savart)
-                bx[chunk:chunk + 32768] = ((dl[:, 1] * rz - dl[:, 2] * ry) * inv).sum(1)
-                by[chunk:chunk + 32768] = ((dl[:, 2] * rx - dl[:, 0] * rz) * inv).sum(1)
-            out[j] = (bx - 1j * by).astype(np.complex64)
-            j += 1
-    return out
-
-
-def _smooth_sensitivities(u: np.ndarray, v: np.ndarray, zz: np.ndarray, n_coils: int, coarse: int = 40) -> np.ndarray:
-    """Loop-coil sensitivities on the (u, v) grid of each slice, ``(S, C, H, W)`` complex64.
-
-    The Biot-Savart sum is evaluated on a grid of at most ``coarse`` points per axis and
-    interpolated (cubic) to the full grid: the fields are smooth over the object.
-    """
-    from scipy.ndimage import map_coordinates
-
-    H, W = len(u), len(v)
-    h, w = min(H, coarse), min(W, coarse)
-    uc = np.linspace(u[0], u[-1], h)
-    vc = np.linspace(v[0], v[-1], w)
-    Xc, Yc, Zc = np.meshgrid(uc, vc, zz, indexing="ij")
-    pts = np.stack([Xc.ravel(), Yc.ravel(), Zc.ravel()], axis=-1)
-    coarse_s = loop_coil_sensitivities(pts, n_coils).reshape(n_coils, h, w, len(zz))
-    if (h, w) == (H, W):
-        return np.ascontiguousarray(np.transpose(coarse_s, (3, 0, 1, 2)))
-    gi = (np.arange(H) * (h - 1) / max(H - 1, 1))[:, None] * np.ones((1, W))
-    gj = np.ones((H, 1)) * (np.arange(W) * (w - 1) / max(W - 1, 1))[None, :]
-    out = np.empty((len(zz), n_coils, H, W), dtype=np.complex64)
-    for s_ in range(len(zz)):
-        for c in range(n_coils):
-            re = map_coordinates(coarse_s[c, :, :, s_].real, [gi, gj], order=3, mode="nearest")
-            im = map_coordinates(coarse_s[c, :, :, s_].imag, [gi, gj], order=3, mode="nearest")
-            out[s_, c] = re + 1j * im
-    return out
-
-
-def _phase(x, y, z, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed + 17)
-    c = rng.uniform(-1, 1, size=6)
-    return (0.6 * c[0] * x + 0.6 * c[1] * y + 0.3 * c[2] * z + 0.4 * c[3] * x * y
-            + 0.4 * c[4] * (x ** 2 - y ** 2) + 0.2 * c[5]).astype(np.float32)
-
-
-def simulate_multicoil(shape: Sequence[int], n_coils: int = 8, extent: Sequence[float] = (1.0, 1.0, 1.0),
-                       z_positions: Sequence[float] | None = None, noise: float = 0.0, seed: int = 0,
-                       contrast: float = 0.0) -> dict[str, np.ndarray]:
-    """Multi-coil 2D slices of the phantom with ground truth.
-
-    Parameters
-    ----------
-    shape : (S, H, W)
-        Slices and in-plane grid of the image (and k-space).
-    n_coils : int
-        Number of receive coils.
-    extent : (eh, ew, es)
-        Half-width of the grid in normalised object units along H and W (1 = the object just
-        fits; 2 = 2x oversampled), and through-plane half-range of the slices (``es``) when
-        ``z_positions`` is not given.
-    z_positions : list of float or None
-        Normalised through-plane positions of the slices (default evenly in ``[-es/2, es/2]``).
-    noise : float
-        Complex noise std in k-space relative to the maximum coil image magnitude.
-    seed : int
-        Seed for phase and noise.
-    contrast : float
-        Exponent changing the relative tissue intensities (used for a second echo).
-
-    Returns
-    -------
-    dict
-        ``image`` (S, H, W) complex64 object, ``sens`` (S, C, H, W) complex64 with
-        ``sum_c |sens|^2 = 1`` where the coils see anything (normalised), ``coil_images``,
-        ``kspace`` (S, C, H, W) complex64 (noisy), ``support`` (S, H, W) bool.
-    """
-    S, H, W = (int(v) for v in shape)
-    eh, ew, es = (float(v) for v in extent)
-    if z_positions is None:
-        z_positions = np.linspace(-es / 2, es / 2, S) if S > 1 else [0.0]
-    zz = np.asarray(z_positions, dtype=np.float64)
-    u = (np.arange(H) - H // 2) / (H / 2) * eh
-    v = (np.arange(W) - W // 2) / (W / 2) * ew
-    X, Y, Z = np.meshgrid(u, v, zz, indexing="ij")  # (H, W, S)
-    X, Y, Z = (np.moveaxis(a, -1, 0) for a in (X, Y, Z))  # (S, H, W)
-    mag = shepp_logan_3d(X, Y, Z)
-    if contrast:
-        mag = (np.maximum(mag, 0) ** (1.0 + contrast)).astype(np.float32)
-    support = mag > 0
-    img = (mag * np.exp(1j * _phase(X, Y, Z, seed))).astype(np.complex64)
-    sens = _smooth_sensitivities(u, v, zz, n_coils)
-    norm = np.sqrt(np.sum(np.abs(sens) ** 2, axis=1, keepdims=True))
-    sens = (sens / np.maximum(norm, 1e-12)).astype(np.complex64)
-    # keep realistic relative coil intensities (not normalised) for the data
-    raw = sens * norm / norm[support[:, None]].max() if support.any() else sens
-    coil_images = (raw * img[:, None]).astype(np.complex64)
-    k = fft2c_np(coil_images)
-    if noise > 0:
-        rng = np.random.default_rng(seed)
-        sd = noise * float(np.abs(coil_images).max())
-        k = k + (sd / np.sqrt(2)) * (rng.standard_normal(k.shape) + 1j * rng.standard_normal(k.shape))
-    return {"image": img, "sens": sens, "sens_raw": raw.astype(np.complex64), "coil_images": coil_images,
-            "kspace": k.astype(np.complex64), "support": support}
 
 
 def ismrmrd_header_xml(enc_size: Sequence[int], recon_size: Sequence[int], enc_fov: Sequence[float],
@@ -239,6 +64,143 @@ def _write_h5(path: Path, write) -> Path:
     return path
 
 
+@dataclass
+class _FastMRIVolume:
+    """The simulated multi-coil volume the three fastMRI-layout files are written from."""
+
+    kspace: np.ndarray          # (slices, coils, H, W) complex64, padding columns zero
+    sens: np.ndarray            # (slices, coils, H, W) normalised coil sensitivities
+    header: str                 # ISMRMRD XML header
+    crop: tuple[slice, slice]   # the recon matrix (reference image) inside (H, W)
+    pad: tuple[int, int]        # fastMRI padding columns (not acquired) on the left and the right
+
+
+def _zero_padding(a: np.ndarray, pad: tuple[int, int]) -> None:
+    """Zero (in place) the ``pad = (left, right)`` padding columns of the last axis."""
+    pad_l, pad_r = pad
+    a[..., :pad_l] = 0
+    a[..., a.shape[-1] - pad_r:] = 0
+
+
+def _fastmri_volume(matrix, n_slices: int, n_coils: int, pixel_mm: float, slice_mm: float, noise: float,
+                    seed: int) -> _FastMRIVolume:
+    """fastMRI k-space ``(slices, coils, 2 mx, W)`` of the phantom with its padding and ISMRMRD header."""
+    mx, my = (int(v) for v in matrix)
+    H = 2 * mx
+    W = my + my // 8
+    W += W % 2
+    pad = (2, 1)
+    sim = simulate_multicoil((n_slices, H, W), n_coils, extent=(2.0, W / my, 0.6), noise=noise, seed=seed)
+    k = sim["kspace"]
+    _zero_padding(k, pad)
+    h0, w0 = (H - mx) // 2, (W - my) // 2
+    center = W // 2 - pad[0]
+    maximum = W - pad[1] - pad[0] - 1
+    header = ismrmrd_header_xml((H, W, 1), (mx, my, 1), (H * pixel_mm, W * pixel_mm, slice_mm),
+                                (mx * pixel_mm, my * pixel_mm, slice_mm), center, maximum)
+    return _FastMRIVolume(k, sim["sens"], header, (slice(h0, h0 + mx), slice(w0, w0 + my)), pad)
+
+
+def _fastmri_common(f, vol: _FastMRIVolume, name: str) -> None:
+    """What every fastMRI-layout file holds: the ISMRMRD header, ``acquisition`` and ``patient_id``."""
+    f.create_dataset("ismrmrd_header", data=np.bytes_(vol.header.encode()))
+    f.attrs["acquisition"] = "CORPD_FBK"
+    f.attrs["patient_id"] = f"sim-{name}"
+
+
+def _write_fastmri_train(path: Path, vol: _FastMRIVolume) -> Path:
+    """Training/validation layout: full ``kspace``, ``reconstruction_rss``, ``max`` and ``norm``."""
+    k = vol.kspace
+    rss_full = np.sqrt(np.sum(np.abs(ifft2c_np(k)) ** 2, axis=1)).astype(np.float32)
+    recon_rss = rss_full[:, vol.crop[0], vol.crop[1]]
+
+    def write(f):
+        f.create_dataset("kspace", data=k, chunks=(1,) + k.shape[1:])
+        f.create_dataset("reconstruction_rss", data=recon_rss)
+        _fastmri_common(f, vol, "train")
+        f.attrs["max"] = float(recon_rss.max())
+        f.attrs["norm"] = float(np.linalg.norm(recon_rss))
+
+    return _write_h5(path, write)
+
+
+def _write_fastmri_test(path: Path, vol: _FastMRIVolume, acc: float) -> Path:
+    """Test/challenge layout: equispaced-undersampled ``kspace``, ``mask``, ``acceleration``, no reference."""
+    from .masks import equispaced_mask, fastmri_seed
+
+    k = vol.kspace
+    col, nlow, _ = equispaced_mask(k.shape[-1], [0.08], [acc], seed=fastmri_seed(path.name))
+    _zero_padding(col, vol.pad)
+
+    def write(f):
+        f.create_dataset("kspace", data=(k * col[None, None, None, :]).astype(np.complex64), chunks=(1,) + k.shape[1:])
+        f.create_dataset("mask", data=col)
+        _fastmri_common(f, vol, "test")
+        f.attrs["acceleration"] = int(round(acc))
+        f.attrs["num_low_frequencies"] = int(nlow)
+
+    return _write_h5(path, write)
+
+
+def _write_fastmri_singlecoil(path: Path, vol: _FastMRIVolume) -> Path:
+    """Single-coil layout: the emulated single-coil combination (sensitivity-weighted coil sum)."""
+    sc_img = np.sum(np.conj(vol.sens) * ifft2c_np(vol.kspace), axis=1)
+    sc_k = fft2c_np(sc_img).astype(np.complex64)
+    _zero_padding(sc_k, vol.pad)
+    esc = np.abs(ifft2c_np(sc_k))[:, vol.crop[0], vol.crop[1]].astype(np.float32)
+
+    def write(f):
+        f.create_dataset("kspace", data=sc_k)
+        f.create_dataset("reconstruction_esc", data=esc)
+        _fastmri_common(f, vol, "singlecoil")
+        f.attrs["max"] = float(esc.max())
+        f.attrs["norm"] = float(np.linalg.norm(esc))
+
+    return _write_h5(path, write)
+
+
+def _skmtea_data(skmtea_shape, n_coils: int, noise: float, seed: int):
+    """skm-tea arrays of a 3D object with 2 echoes: ``(kspace (x, ky, kz, echo, coil), maps (x, y, z,
+    coil, 1), target (x, y, z, echo, 1), acquired (ky, kz) matrix)``; k-space outside the acquired box is zero."""
+    X, Y, Z = (int(v) for v in skmtea_shape)
+    acq = (Y - Y // 8, Z - Z // 4)
+    echoes = [simulate_multicoil((X, Y, Z), n_coils, extent=(1.15, 1.15, 1.3), noise=noise, seed=seed + e,
+                                 contrast=0.6 * e) for e in range(2)]
+    ay0, az0 = (Y - acq[0]) // 2, (Z - acq[1]) // 2
+    box = np.zeros((Y, Z), dtype=bool)
+    box[ay0:ay0 + acq[0], az0:az0 + acq[1]] = True
+    ks = np.stack([e["kspace"] * box for e in echoes], axis=-1)  # (x, C, ky, kz, echo)
+    ks = np.transpose(ks, (0, 2, 3, 4, 1)).astype(np.complex64)  # (x, ky, kz, echo, coil)
+    maps = np.transpose(echoes[0]["sens"], (0, 2, 3, 1))[..., None].astype(np.complex64)  # (x, y, z, coil, 1)
+    tgt = []
+    for e in range(2):
+        coil_img = ifft2c_np(np.transpose(ks[..., e, :], (0, 3, 1, 2)))  # (x, C, y, z)
+        tgt.append(np.sum(np.conj(echoes[0]["sens"]) * coil_img, axis=1))
+    target = np.stack(tgt, axis=-1)[..., None].astype(np.complex64)  # (x, y, z, echo, 1)
+    return ks, maps, target, acq
+
+
+def _write_skmtea(path: Path, skmtea_shape, n_coils: int, accelerations, noise: float, seed: int) -> Path:
+    """skm-tea recon layout: hybrid ``kspace``, ``maps``, ``target`` and ``masks/poisson_{acc}x`` at the
+    acquired matrix."""
+    from .masks import poisson_disc_mask
+
+    ks, maps, target, acq = _skmtea_data(skmtea_shape, n_coils, noise, seed)
+
+    def write(f):
+        f.create_dataset("kspace", data=ks, chunks=(1,) + ks.shape[1:])
+        f.create_dataset("maps", data=maps, chunks=(1,) + maps.shape[1:])
+        f.create_dataset("target", data=target)
+        g = f.create_group("masks")
+        f_cal = np.sqrt(0.5 / max(max(accelerations), 1.0))  # calibration box <= half the samples
+        cal = tuple(int(min(24, max(4, round(a * f_cal)))) for a in acq)
+        for a in accelerations:
+            m, _ = poisson_disc_mask(acq, float(a), calib=cal, seed=seed)
+            g.create_dataset(f"poisson_{float(a)}x", data=m)
+
+    return _write_h5(path, write)
+
+
 def simulate_kspace_files(out_dir: str | Path, matrix: Sequence[int] = (64, 96), n_slices: int = 4,
                           n_coils: int = 12, pixel_mm: float = 0.5, slice_mm: float = 3.0,
                           skmtea_shape: Sequence[int] = (12, 64, 40), accelerations: Sequence[float] = (4.0, 8.0),
@@ -272,100 +234,11 @@ def simulate_kspace_files(out_dir: str | Path, matrix: Sequence[int] = (64, 96),
     dict[str, Path]
         ``fastmri``, ``fastmri_test``, ``fastmri_singlecoil``, ``skmtea``.
     """
-    from .masks import equispaced_mask, fastmri_seed, poisson_disc_mask
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mx, my = (int(v) for v in matrix)
-    H = 2 * mx
-    W = my + my // 8
-    W += W % 2
-    pad_l, pad_r = 2, 1
-    sim = simulate_multicoil((n_slices, H, W), n_coils, extent=(2.0, W / my, 0.6), noise=noise, seed=seed)
-    k = sim["kspace"]
-    k[..., :pad_l] = 0
-    k[..., W - pad_r:] = 0
-    rss_full = np.sqrt(np.sum(np.abs(ifft2c_np(k)) ** 2, axis=1)).astype(np.float32)
-    h0, w0 = (H - mx) // 2, (W - my) // 2
-    recon_rss = rss_full[:, h0:h0 + mx, w0:w0 + my]
-    center = W // 2 - pad_l
-    maximum = W - pad_r - pad_l - 1
-    header = ismrmrd_header_xml((H, W, 1), (mx, my, 1), (H * pixel_mm, W * pixel_mm, slice_mm),
-                                (mx * pixel_mm, my * pixel_mm, slice_mm), center, maximum)
-    paths: dict[str, Path] = {}
-
-    def common(f, name):
-        f.create_dataset("ismrmrd_header", data=np.bytes_(header.encode()))
-        f.attrs["acquisition"] = "CORPD_FBK"
-        f.attrs["patient_id"] = f"sim-{name}"
-
-    def w_train(f):
-        f.create_dataset("kspace", data=k, chunks=(1,) + k.shape[1:])
-        f.create_dataset("reconstruction_rss", data=recon_rss)
-        common(f, "train")
-        f.attrs["max"] = float(recon_rss.max())
-        f.attrs["norm"] = float(np.linalg.norm(recon_rss))
-
-    paths["fastmri"] = _write_h5(out / "fastmri_multicoil.h5", w_train)
-
+    vol = _fastmri_volume(matrix, n_slices, n_coils, pixel_mm, slice_mm, noise, seed)
     acc = float(accelerations[0]) if accelerations else 4.0
-    test_name = "fastmri_multicoil_test.h5"
-    col, nlow, _ = equispaced_mask(W, [0.08], [acc], seed=fastmri_seed(test_name))
-    col[:pad_l] = False
-    col[W - pad_r:] = False
-
-    def w_test(f):
-        f.create_dataset("kspace", data=(k * col[None, None, None, :]).astype(np.complex64), chunks=(1,) + k.shape[1:])
-        f.create_dataset("mask", data=col)
-        common(f, "test")
-        f.attrs["acceleration"] = int(round(acc))
-        f.attrs["num_low_frequencies"] = int(nlow)
-
-    paths["fastmri_test"] = _write_h5(out / test_name, w_test)
-
-    # single coil: the emulated single-coil combination (sensitivity-weighted coil sum)
-    sc_img = np.sum(np.conj(sim["sens"]) * ifft2c_np(k), axis=1)
-    sc_k = fft2c_np(sc_img).astype(np.complex64)
-    sc_k[..., :pad_l] = 0
-    sc_k[..., W - pad_r:] = 0
-    esc = np.abs(ifft2c_np(sc_k))[:, h0:h0 + mx, w0:w0 + my].astype(np.float32)
-
-    def w_single(f):
-        f.create_dataset("kspace", data=sc_k)
-        f.create_dataset("reconstruction_esc", data=esc)
-        common(f, "singlecoil")
-        f.attrs["max"] = float(esc.max())
-        f.attrs["norm"] = float(np.linalg.norm(esc))
-
-    paths["fastmri_singlecoil"] = _write_h5(out / "fastmri_singlecoil.h5", w_single)
-
-    # skm-tea: 3D object, hybrid (x, ky, kz) k-space, 2 echoes
-    X, Y, Z = (int(v) for v in skmtea_shape)
-    acq = (Y - Y // 8, Z - Z // 4)
-    echoes = [simulate_multicoil((X, Y, Z), n_coils, extent=(1.15, 1.15, 1.3), noise=noise, seed=seed + e,
-                                 contrast=0.6 * e) for e in range(2)]
-    ay0, az0 = (Y - acq[0]) // 2, (Z - acq[1]) // 2
-    box = np.zeros((Y, Z), dtype=bool)
-    box[ay0:ay0 + acq[0], az0:az0 + acq[1]] = True
-    ks = np.stack([e["kspace"] * box for e in echoes], axis=-1)  # (x, C, ky, kz, echo)
-    ks = np.transpose(ks, (0, 2, 3, 4, 1)).astype(np.complex64)  # (x, ky, kz, echo, coil)
-    maps = np.transpose(echoes[0]["sens"], (0, 2, 3, 1))[..., None].astype(np.complex64)  # (x, y, z, coil, 1)
-    tgt = []
-    for e in range(2):
-        coil_img = ifft2c_np(np.transpose(ks[..., e, :], (0, 3, 1, 2)))  # (x, C, y, z)
-        tgt.append(np.sum(np.conj(echoes[0]["sens"]) * coil_img, axis=1))
-    target = np.stack(tgt, axis=-1)[..., None].astype(np.complex64)  # (x, y, z, echo, 1)
-
-    def w_skm(f):
-        f.create_dataset("kspace", data=ks, chunks=(1,) + ks.shape[1:])
-        f.create_dataset("maps", data=maps, chunks=(1,) + maps.shape[1:])
-        f.create_dataset("target", data=target)
-        g = f.create_group("masks")
-        f_cal = np.sqrt(0.5 / max(max(accelerations), 1.0))  # calibration box <= half the samples
-        cal = tuple(int(min(24, max(4, round(a * f_cal)))) for a in acq)
-        for a in accelerations:
-            m, _ = poisson_disc_mask(acq, float(a), calib=cal, seed=seed)
-            g.create_dataset(f"poisson_{float(a)}x", data=m)
-
-    paths["skmtea"] = _write_h5(out / "skmtea.h5", w_skm)
-    return paths
+    return {"fastmri": _write_fastmri_train(out / "fastmri_multicoil.h5", vol),
+            "fastmri_test": _write_fastmri_test(out / "fastmri_multicoil_test.h5", vol, acc),
+            "fastmri_singlecoil": _write_fastmri_singlecoil(out / "fastmri_singlecoil.h5", vol),
+            "skmtea": _write_skmtea(out / "skmtea.h5", skmtea_shape, n_coils, accelerations, noise, seed)}

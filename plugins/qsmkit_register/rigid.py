@@ -1,18 +1,9 @@
-"""Rigid (Euler3D) registration of head orientations with SimpleITK, resampling, B0 composition.
+"""Rigid (Euler3D) registration of head orientations with SimpleITK.
 
-World coordinates are the NIfTI (nibabel, RAS) scanner coordinates of each acquisition, in mm.
-The images are handed to SimpleITK with origin, spacing and direction taken from the affine as it
-is (SimpleITK only needs one consistent physical frame), so every transform found here maps
-**reference world coordinates to moving-acquisition world coordinates**, as ITK transforms map
-fixed-image points to moving-image points:
-
-``y_moving = M[:3, :3] @ x_ref + M[:3, 3]``  with ``M`` the 4x4 world matrix.
-
-B0 is the world z axis of each acquisition's scanner frame (or whatever direction that
-acquisition's ``Volume.b0_direction`` says). In the reference world frame it is
-``M[:3, :3].T @ b_world_moving``; in the reference voxel frame it then follows
-:func:`qsmkit.physics.b0_direction_from_affine` of the reference affine. SimpleITK is imported
-inside the functions that need it.
+:func:`rigid_register` returns a :class:`RigidResult` whose matrix maps reference world to
+moving world coordinates (mm); the coordinate and B0 conventions are those of :mod:`.geometry`.
+The geometry and resampling helpers are re-exported here, so ``from qsmkit_register.rigid import
+...`` reaches all of them. SimpleITK is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -22,98 +13,22 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmkit.errors import GeometryError, ParameterError
-from qsmkit.physics import b0_direction_from_affine, voxel_sizes
+from qsmkit.errors import ParameterError
+from qsmkit.physics import voxel_sizes
+
+from .geometry import b0_in_reference_frame, b0_world_from_voxel, euler_matrix, rotation_angle_deg, to_sitk
+from .resample import fov_fraction, resample_masked, resample_masked_many, resample_to_reference
 
 __all__ = [
     "RigidResult", "to_sitk", "rigid_register", "euler_matrix", "rotation_angle_deg",
-    "resample_to_reference", "resample_masked", "b0_in_reference_frame", "b0_world_from_voxel",
-    "fov_fraction",
+    "resample_to_reference", "resample_masked", "resample_masked_many", "b0_in_reference_frame",
+    "b0_world_from_voxel", "fov_fraction",
 ]
 
 
-# --------------------------------------------------------------------------- geometry helpers
-def _direction(affine: np.ndarray) -> np.ndarray:
-    a = np.asarray(affine, dtype=np.float64)
-    return a[:3, :3] / voxel_sizes(a)[None, :]
-
-
-def to_sitk(data: np.ndarray, affine: np.ndarray, pixel: str = "float32"):
-    """A ``SimpleITK.Image`` of a 3D array ``data`` (x, y, z) on the grid of ``affine``.
-
-    Index ``(i, j, k)`` of the image is ``data[i, j, k]`` and its physical point is
-    ``affine @ (i, j, k, 1)`` (mm).
-    """
-    import SimpleITK as sitk
-
-    arr = np.asarray(data)
-    if arr.ndim != 3:
-        raise GeometryError(f"to_sitk: needs a 3D array (x, y, z), got shape {arr.shape}; pass one echo / volume")
-    arr = arr.astype(np.uint8 if pixel == "uint8" else np.float32, copy=False)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
-    a = np.asarray(affine, dtype=np.float64)
-    img.SetSpacing(tuple(float(v) for v in voxel_sizes(a)))
-    img.SetOrigin(tuple(float(v) for v in a[:3, 3]))
-    img.SetDirection(tuple(float(v) for v in _direction(a).ravel()))
-    return img
-
-
-def _from_sitk(img) -> np.ndarray:
-    import SimpleITK as sitk
-
-    return np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0))
-
-
-def euler_matrix(angles_rad: Sequence[float]) -> np.ndarray:
-    """Rotation matrix of ITK's ``Euler3DTransform`` angles (x, y, z) in rad: ``Rz @ Rx @ Ry``."""
-    ax, ay, az = (float(a) for a in angles_rad)
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ rx @ ry
-
-
-def rotation_angle_deg(rot: np.ndarray) -> float:
-    """Total rotation angle (deg) of a 3x3 rotation matrix (axis-angle magnitude)."""
-    c = (np.trace(np.asarray(rot, dtype=np.float64)) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
-
-
-def b0_world_from_voxel(affine: np.ndarray, b0_voxel: Sequence[float]) -> np.ndarray:
-    """World direction whose voxel-frame expression (per :func:`b0_direction_from_affine`) is ``b0_voxel``."""
-    rot = _direction(affine)
-    b = np.linalg.solve(rot.T, np.asarray(b0_voxel, dtype=np.float64))
-    return b / np.linalg.norm(b)
-
-
-def b0_in_reference_frame(ref_affine: np.ndarray, matrix: np.ndarray,
-                          b0_world: Sequence[float] = (0.0, 0.0, 1.0)) -> np.ndarray:
-    """B0 of a moving acquisition expressed in the reference voxel frame.
-
-    Parameters
-    ----------
-    ref_affine : (4, 4)
-        Reference voxel -> reference world (mm) affine; may be oblique with anisotropic voxels.
-    matrix : (4, 4)
-        Rigid world transform reference world -> moving world (mm), e.g. :attr:`RigidResult.matrix`.
-    b0_world : 3 floats
-        B0 direction in the moving acquisition's world (scanner) frame; ``(0, 0, 1)`` normally.
-
-    Returns
-    -------
-    ndarray (3,)
-        Unit vector in the reference voxel frame: ``b0_direction_from_affine(ref_affine, Q.T @ b0_world)``
-        with ``Q = matrix[:3, :3]``.
-    """
-    q = np.asarray(matrix, dtype=np.float64)[:3, :3]
-    b_ref_world = q.T @ np.asarray(b0_world, dtype=np.float64)
-    return b0_direction_from_affine(ref_affine, b_ref_world)
-
-
-# --------------------------------------------------------------------------- registration
 #: metric samples per evaluation of the exhaustive rotation search
 _SEARCH_SAMPLES = 20_000
+
 
 @dataclass
 class RigidResult:
@@ -384,81 +299,3 @@ def _result(tx, reg, iterations: int, history: list) -> RigidResult:
     return RigidResult(matrix=mat, angles_deg=np.degrees(params[:3]), rotation_angle_deg=rotation_angle_deg(rot),
                        translation_mm=trans, center_mm=center, metric_value=float(reg.GetMetricValue()),
                        converged=converged, stop_condition=stop, iterations=n_it, metric_history=history)
-
-
-# --------------------------------------------------------------------------- resampling
-def _interp(name: str):
-    import SimpleITK as sitk
-
-    return {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}[name]
-
-
-def resample_to_reference(data: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,
-                          matrix: np.ndarray, interpolation: str = "linear", default: float = 0.0) -> np.ndarray:
-    """Resample a 3D array of a moving grid onto the reference grid (float32).
-
-    The value at reference voxel ``v`` is ``data`` interpolated at moving world point
-    ``matrix @ ref_affine @ v``; points outside the moving grid get ``default``.
-    ``interpolation`` is ``linear``, ``bspline`` (cubic) or ``nearest``.
-    """
-    import SimpleITK as sitk
-
-    src = to_sitk(data, affine)
-    ref = to_sitk(np.zeros(tuple(int(s) for s in ref_shape), dtype=np.uint8), ref_affine, "uint8")
-    t = sitk.AffineTransform(3)
-    m = np.asarray(matrix, dtype=np.float64)
-    t.SetMatrix(tuple(float(v) for v in m[:3, :3].ravel()))
-    t.SetTranslation(tuple(float(v) for v in m[:3, 3]))
-    out = sitk.Resample(src, ref, t, _interp(interpolation), float(default), sitk.sitkFloat32)
-    return _from_sitk(out).astype(np.float32, copy=False)
-
-
-def resample_masked(field: np.ndarray, mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int],
-                    ref_affine: np.ndarray, matrix: np.ndarray, interpolation: str = "linear",
-                    threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a field defined only inside ``mask`` without mixing in the zeros outside it.
-
-    Normalised interpolation: ``resample(field * mask) / resample(mask)``, kept where the
-    interpolated mask is at least ``threshold``. Returns ``(field_ref float32, mask_ref bool)``.
-    """
-    (out,), keep = resample_masked_many([field], mask, affine, ref_shape, ref_affine, matrix, interpolation, threshold)
-    return out, keep
-
-
-def resample_masked_many(fields: Sequence[np.ndarray], mask: np.ndarray, affine: np.ndarray,
-                         ref_shape: Sequence[int], ref_affine: np.ndarray, matrix: np.ndarray,
-                         interpolation: str = "linear", threshold: float = 0.5) -> tuple[list, np.ndarray]:
-    """:func:`resample_masked` for several fields sharing one mask (the mask is resampled once)."""
-    m = (np.asarray(mask) > 0).astype(np.float32)
-    den = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "linear")
-    den_b = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "bspline") \
-        if interpolation == "bspline" else den
-    keep = den >= threshold
-    den_k = np.maximum(den_b[keep], 1e-3)
-    outs = []
-    for field in fields:
-        num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, ref_shape, ref_affine,
-                                    matrix, interpolation)
-        out = np.zeros(keep.shape, dtype=np.float32)
-        out[keep] = num[keep] / den_k
-        outs.append(out)
-    return outs, keep
-
-
-def fov_fraction(mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,
-                 matrix: np.ndarray) -> float:
-    """Fraction of the moving mask's voxels that land inside the reference grid.
-
-    A moving voxel at world point ``y`` lands at reference world ``inv(matrix) @ y`` and
-    reference voxel ``inv(ref_affine) @ inv(matrix) @ y``; it is inside when every index is
-    within ``[-0.5, n - 0.5]``.
-    """
-    idx = np.argwhere(np.asarray(mask) > 0)
-    if idx.size == 0:
-        return 0.0
-    full = (np.linalg.inv(np.asarray(ref_affine, dtype=np.float64))
-            @ np.linalg.inv(np.asarray(matrix, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64))
-    v = idx @ full[:3, :3].T + full[:3, 3]
-    n = np.asarray(ref_shape[:3], dtype=np.float64)
-    inside = np.all((v >= -0.5) & (v <= n - 0.5), axis=1)
-    return float(inside.mean())

@@ -57,7 +57,7 @@ def default_radii(voxel_size: Sequence[float], r_max: float = 12.0, r_min: float
 
 def smv_kernel_half(shape: Sequence[int], voxel_size: Sequence[float], radius_mm: float,
                     return_count: bool = False):
-    """Real-FFT half spectrum of the normalised SMV ball: ``physics.smv_kernel(...)[..., :n // 2 + 1]``.
+    """Real-FFT half spectrum of the normalised SMV ball (:func:`qsmkit.physics.smv_kernel`, ``rfft=True``).
 
     The kernel of the core :class:`qsmkit.operators.SMV` (ball of
     :func:`qsmkit.physics.sphere_mask`, symmetric, so its spectrum is real; only the real FFT's

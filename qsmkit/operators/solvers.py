@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .base import Linop, _copy, _vdot, _zeros_like, is_torch
+from .base import Diagonal, Linop, _copy, _vdot, _zeros_like, is_torch
 
 # =========================================================================== conjugate gradients
 @dataclass
@@ -51,6 +51,10 @@ def _bview(s, x, batch_dims: int):
 
 def _apply(op, x):
     return op.apply(x) if isinstance(op, Linop) else op(x)
+
+
+def _precondition(M, r, zbuf):
+    return M.apply(r, out=zbuf) if zbuf is not None else _apply(M, r)
 
 
 def cg(A, b, x0=None, *, M=None, tol: float = 1e-6, max_iter: int = 100, batch_dims: int = 0,
@@ -100,7 +104,10 @@ def cg(A, b, x0=None, *, M=None, tol: float = 1e-6, max_iter: int = 100, batch_d
     else:
         x = _copy(x0)
         r = _copy(r0) if r0 is not None else b - _apply(A, x)
-    z = r if M is None else _apply(M, r)
+    zbuf = None
+    if isinstance(M, Diagonal):  # preconditioned residual into one reused buffer (no allocation per step)
+        zbuf = _zeros_like(r)
+    z = r if M is None else _precondition(M, r, zbuf)
     rz = _vdot(r, z, nb)
     rr = rz if M is None else _vdot(r, r, nb)
     p = _copy(z)
@@ -132,7 +139,7 @@ def cg(A, b, x0=None, *, M=None, tol: float = 1e-6, max_iter: int = 100, batch_d
             callback(k, x, info.residuals[-1])
         if not ops.any(active) or k >= int(max_iter):
             break
-        z = r if M is None else _apply(M, r)
+        z = r if M is None else _precondition(M, r, zbuf)
         rz_new = rr if M is None else _vdot(r, z, nb)
         p *= _bview(ops.where(active, rz_new / ops.clamp(rz), rz * 0), p, nb) if batched else rz_new / rz
         p += z

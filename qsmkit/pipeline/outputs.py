@@ -3,9 +3,10 @@
 Rules (the user's data are never lost or mixed):
 
 * A folder that holds files qsmkit did not write in an earlier run of the same pipeline is
-  refused, unless ``--overwrite`` is given: then this run's files replace same-named ones, other
-  files are left alone and listed in ``provenance.json`` as ``other_files``. Input files are
-  never replaced or removed, with or without ``--overwrite``.
+  refused, unless ``--overwrite`` is given: then this run's files replace same-named ones, files
+  qsmkit did not write are left alone and listed in ``provenance.json`` as ``other_files``, and
+  another pipeline's earlier outputs are replaced as a set. Input files are never replaced or
+  removed, with or without ``--overwrite``.
 * A rerun of the same pipeline replaces the previous run's outputs as a set: after it, the folder
   holds exactly this run's outputs (plus, with ``--overwrite``, the other files), all listed in
   ``provenance.json``.

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .. import inputs as _in
+from ..inputs import RESERVED
+from ..io.acquisition import load_acquisition, simulate_inputs
 from ..registry import StageRegistry
 from ..stage import Params
 from ..volume import Volume
@@ -36,14 +37,14 @@ def load_inputs(plan: Plan) -> tuple[dict, list[dict] | None, dict]:
     b0_world = inputs.get("b0_direction")
     per: list[dict] | None = None
     if "simulate" in inputs:
-        art, per = _in.simulate_inputs(inputs["simulate"])
-        art.update({k: v for k, v in inputs.items() if k not in _in.RESERVED})
+        art, per = simulate_inputs(inputs["simulate"])
+        art.update({k: v for k, v in inputs.items() if k not in RESERVED})
     elif "orientations" in inputs:
-        per = [_in.load_acquisition(o, f"inputs.orientations.{i}", b0_world, inputs)
+        per = [load_acquisition(o, f"inputs.orientations.{i}", b0_world, inputs)
                for i, o in enumerate(inputs["orientations"])]
         art = dict(per[0])
     else:
-        art = _in.load_acquisition(inputs, "inputs", b0_world, inputs)
+        art = load_acquisition(inputs, "inputs", b0_world, inputs)
     truth = art.pop("truth", None) or {}
     for a in per or []:
         a.pop("truth", None)

@@ -222,14 +222,14 @@ def test_out_of_memory_in_recon_names_the_shape_and_slices(tmp_path, capsys, mon
 
 
 def test_out_of_memory_in_undersampling_and_reading(tmp_path, capsys, monkeypatch):
-    import qsmkit_kspace
+    from qsmkit_kspace import stages_undersample
     from qsmkit_kspace.fastmri import FastMRIFile
 
     def boom(*args, **kwargs):
         raise MemoryError()
 
     f = _fm(tmp_path / "k.h5")
-    monkeypatch.setattr(qsmkit_kspace, "_apply_mask", boom)
+    monkeypatch.setattr(stages_undersample, "_apply_mask", boom)
     p = _pipeline(tmp_path, f, stages=["{stage: undersample, method: equispaced}", "{stage: recon, method: zero_filled}"])
     _refused(capsys, tmp_path, p, "undersample/equispaced: out of memory", "(3 x 4 x 16 x 16) of k.h5", "inputs.slices")
     monkeypatch.setattr(FastMRIFile, "read_kspace", boom)

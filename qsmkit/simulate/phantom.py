@@ -1,0 +1,260 @@
+"""The :class:`Phantom` (a simulated acquisition with its ground truth) and the simulator entry points.
+
+:func:`simulate_phantom` runs the named steps of :mod:`.acquisition`, :mod:`.head` and
+:mod:`.forward` in order; :func:`simulate_orientations` calls it once per head rotation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import ParameterError
+from ..volume import Volume
+from .acquisition import DEFAULT_ECHO_TIMES, DEFAULT_SHAPE, DEFAULT_VOXEL_SIZE, _Acquisition, _acquisition
+from .forward import _add_noise, _fields, _fine_grid, _output_labels, _Sampler, _signal, _tissue_tables
+from .head import LABELS, TISSUES, _Head, _make_anatomy
+
+__all__ = ["PHANTOM_FILES", "Phantom", "simulate_phantom", "simulate_orientations"]
+
+
+#: the files :meth:`Phantom.write` writes
+PHANTOM_FILES = {f"{n}.nii.gz" for n in ("magnitude", "phase", "chi", "local_field", "total_field", "mask",
+                                         "labels")} | {"phantom.json"}
+
+
+@dataclass
+class Phantom:
+    """A simulated multi-echo GRE acquisition with its ground truth.
+
+    Attributes
+    ----------
+    magnitude : Volume
+        4D (x, y, z, echo) float32, a.u.
+    phase : Volume
+        4D wrapped phase, rad in [-pi, pi).
+    echo_times : numpy.ndarray
+        Echo times in s (float64).
+    field_strength : float
+        B0 in T.
+    truth : dict of Volume
+        ``chi`` (ppm rel. CSF, 0 outside mask), ``local_field`` (ppm), ``total_field`` (ppm),
+        ``mask`` (bool, brain + inner half of the subarachnoid CSF), ``labels`` (uint8, see
+        :data:`LABELS`).
+    rotation : numpy.ndarray
+        3x3 head rotation applied in the world (scanner) frame about ``meta["rotation_center_mm"]``.
+    meta : dict
+        Options and derived quantities (b0 direction, noise sigma, head semi-axes, timings).
+    phase_offset : Volume or None
+        The true phase offset phi0 (rad), block-averaged to the output grid.
+    """
+
+    magnitude: Volume
+    phase: Volume
+    echo_times: np.ndarray
+    field_strength: float
+    truth: dict
+    rotation: np.ndarray
+    meta: dict = field(default_factory=dict)
+    phase_offset: Volume | None = None
+
+    def __repr__(self) -> str:
+        return (f"Phantom(shape={self.magnitude.grid_shape}, voxel_size={self.magnitude.voxel_size}, "
+                f"echo_times={[float(t) for t in self.echo_times]}, field_strength={self.field_strength}, "
+                f"rotation_deg={self.meta.get('rotation_deg')}, snr={self.meta.get('options', {}).get('snr')})")
+
+    @property
+    def mask(self) -> Volume:
+        return self.truth["mask"]
+
+    def artifacts(self) -> dict:
+        """Artifacts for the pipeline engine: magnitude, phase, echo_times, field_strength, truth."""
+        return {"magnitude": self.magnitude, "phase": self.phase,
+                "echo_times": np.asarray(self.echo_times, dtype=np.float64),
+                "field_strength": float(self.field_strength), "truth": dict(self.truth)}
+
+    def json_dict(self) -> dict:
+        """What ``phantom.json`` holds (echo times, field strength, B0, rotation, options)."""
+        m = self.meta
+        return {"echo_times": [float(t) for t in self.echo_times], "echo_times_units": "s",
+                "field_strength": float(self.field_strength), "field_strength_units": "T",
+                "b0_direction_world": m.get("b0_direction_world"),
+                "b0_direction_voxel": [float(v) for v in self.magnitude.b0_direction],
+                "rotation": np.asarray(self.rotation).tolist(),
+                "rotation_deg": m.get("rotation_deg"),
+                "rotation_center_mm": m.get("rotation_center_mm"),
+                "affine": np.asarray(self.magnitude.affine).tolist(),
+                "shape": list(self.magnitude.grid_shape),
+                "voxel_size_mm": list(self.magnitude.voxel_size),
+                "labels": {str(k): v for k, v in LABELS.items()},
+                "tissues": {k: {"chi_ppm": v[0], "m0": v[1], "t2star_ms_3T": v[2]} for k, v in m.get("tissues", TISSUES).items()},
+                "noise_sigma": m.get("noise_sigma"),
+                "options": m.get("options", {}),
+                "chi_reference": "csf", "units": {"chi": "ppm", "field": "ppm", "phase": "rad"}}
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write NIfTI files and ``phantom.json`` (atomically) to ``out_dir``; returns name -> path."""
+        from ..io import save_nifti, write_json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, Path] = {}
+        vols = {"magnitude": self.magnitude, "phase": self.phase, **self.truth}
+        for name, vol in vols.items():
+            paths[name] = save_nifti(vol, out / f"{name}.nii.gz")
+        p = out / "phantom.json"
+        write_json(self.json_dict(), p)
+        paths["phantom"] = p
+        return paths
+
+
+def _metadata(acq: _Acquisition, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
+              chi_overrides, tissues, sigma, pshape, timing) -> dict:
+    """The phantom's ``meta`` dict: the options used (JSON-friendly), noise level and timing."""
+    te, b0w = acq.te, acq.b0w
+    options = {"shape": list(acq.shape), "voxel_size": [float(v) for v in acq.vs], "echo_times": te.tolist(),
+               "field_strength": float(field_strength), "b0_direction": b0w.tolist(),
+               "affine_given": affine is not None, "rotation_deg": [float(r) for r in rotation_deg],
+               "snr": acq.snr, "seed": int(seed), "oversample": acq.os_, "padding": float(padding),
+               "anatomy_seed": int(anatomy_seed), "fov_fraction": float(fov_fraction),
+               "head_semi_axes_mm": [float(s) for s in acq.S], "chi_overrides": dict(chi_overrides or {})}
+    return {"source": "qsmkit.simulate", "echo_times": te.tolist(), "field_strength": float(field_strength),
+            "b0_direction_world": b0w.tolist(), "rotation_deg": [float(r) for r in rotation_deg],
+            "rotation_center_mm": acq.center.tolist(), "noise_sigma": sigma, "padded_fine_shape": list(pshape),
+            "options": options, "tissues": tissues, "timing_s": timing}
+
+
+# ============================================================================ main
+def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
+                     voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+                     echo_times: Sequence[float] = DEFAULT_ECHO_TIMES,
+                     field_strength: float = 3.0,
+                     b0_direction: Sequence[float] = (0.0, 0.0, 1.0),
+                     affine: np.ndarray | None = None,
+                     rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
+                     snr: float | None = 100.0,
+                     seed: int = 0,
+                     oversample: int = 2,
+                     padding: float = 1.5,
+                     *,
+                     anatomy_seed: int = 0,
+                     fov_fraction: float = 0.84,
+                     head_semi_axes_mm: Sequence[float] | None = None,
+                     chi_overrides: Mapping[str, float] | None = None,
+                     chunk_voxels: int = 4_000_000,
+                     verbose: bool = False,
+                     **kw: Any) -> Phantom:
+    """Simulate a multi-echo GRE head acquisition with ground truth (see :mod:`qsmkit.simulate`).
+
+    Parameters
+    ----------
+    shape : 3 ints
+        Output grid. Default (112, 128, 96) at 1.5 mm: a 168 x 192 x 144 mm FOV, ~1.4 M voxels.
+    voxel_size : 3 floats
+        Voxel size in mm (anisotropic allowed); ignored when ``affine`` is given.
+    echo_times : floats
+        Echo times in s.
+    field_strength : float
+        B0 in T (T2* values, given at 3 T, are scaled by 3/B0).
+    b0_direction : 3 floats
+        B0 direction in the world (scanner) frame.
+    affine : 4x4 array, optional
+        Voxel -> world (mm) affine of the acquisition, e.g. oblique. Default: diagonal of
+        ``voxel_size``, centred on the grid.
+    rotation_deg : 3 floats
+        Head rotation (degrees) about the world x, y, z axes through the FOV centre, applied as
+        ``Rz @ Ry @ Rx``. B0 does not move.
+    snr : float or None
+        Mean first-echo magnitude in the brain divided by the noise standard deviation per
+        real/imaginary channel; ``None`` or ``inf`` for noise-free data.
+    seed : int
+        Noise seed (the anatomy uses ``anatomy_seed``, so rotations share one head).
+    oversample : int
+        Fine-grid factor per axis for the forward model (complex block averaging).
+    padding : float
+        Minimum zero-padding factor of the fine grid for the dipole convolution (>= 1.5 advised).
+    anatomy_seed : int
+        Seed of the cortical folding pattern.
+    fov_fraction : float
+        Head diameter as a fraction of the FOV along each axis.
+    head_semi_axes_mm : 3 floats, optional
+        Head semi-axes (mm, head frame x, y, z) instead of ``fov_fraction``.
+    chi_overrides : mapping, optional
+        ``{tissue name: chi in ppm}`` to change :data:`TISSUES` values.
+    chunk_voxels : int
+        Fine-grid points processed at once (memory control).
+    verbose : bool
+        Print the grid sizes and timings.
+    **kw
+        Anything else raises :class:`~qsmkit.errors.ParameterError` naming the valid options
+        (so that a typo in a pipeline's ``inputs: {simulate: {...}}`` is reported clearly).
+
+    Returns
+    -------
+    Phantom
+    """
+    t_start = time.perf_counter()
+    if kw:
+        import inspect
+
+        valid = [n for n in inspect.signature(simulate_phantom).parameters if n != "kw"]
+        raise ParameterError(f"simulate: unknown option(s) {', '.join(sorted(kw))}; valid options: {', '.join(valid)}")
+    acq = _acquisition(shape, voxel_size, echo_times, field_strength, b0_direction, affine, rotation_deg, snr,
+                       oversample, padding, fov_fraction, head_semi_axes_mm)
+    shape, os_ = acq.shape, acq.os_
+    head = _Head(acq.S, _make_anatomy(anatomy_seed), min_vein_radius_mm=0.6 * float(acq.vs.max()))
+    tissues, chi_lut, m0_lut, r2_lut, in_brain = _tissue_tables(chi_overrides, field_strength)
+    sample = _Sampler(head, acq)
+
+    labels_f, phi0_f, step = _fine_grid(sample, shape, os_, chunk_voxels)
+    t_geom = time.perf_counter()
+    chi_truth, local_out, total_f, total_out, phi0_out, pshape = _fields(labels_f, phi0_f, chi_lut, in_brain,
+                                                                         acq.vs, os_, acq.b_vox, padding)
+    t_field = time.perf_counter()
+    sig = _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, acq.te, field_strength, shape, os_, step)
+    del total_f, phi0_f, labels_f
+    t_sig = time.perf_counter()
+    labels_out, mask = _output_labels(sample, shape, chunk_voxels, in_brain)
+    chi_truth *= mask
+    mag, phase, sigma = _add_noise(sig, mask, acq.snr, seed)
+    del sig
+
+    timing = {"geometry": t_geom - t_start, "fields": t_field - t_geom, "signal": t_sig - t_field,
+              "total": time.perf_counter() - t_start}
+    meta = _metadata(acq, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
+                     chi_overrides, tissues, sigma, pshape, timing)
+    te = acq.te
+
+    def vol(data, units, **m):
+        return Volume(data, acq.A, units=units, b0_direction=acq.b_vox, meta={"simulated": True, **m})
+
+    truth = {"chi": vol(chi_truth, "ppm", reference="csf"),
+             "local_field": vol(local_out, "ppm"),
+             "total_field": vol(total_out, "ppm"),
+             "mask": vol(mask, "bool"),
+             "labels": vol(labels_out, "label", labels={int(k): v for k, v in LABELS.items()})}
+    if verbose:
+        print(f"simulate_phantom: {shape} fine {tuple(s * os_ for s in shape)} padded {pshape}: {meta['timing_s']}")
+    return Phantom(magnitude=vol(mag, "a.u.", echo_times=te.tolist()),
+                   phase=vol(phase, "rad", echo_times=te.tolist()),
+                   echo_times=te, field_strength=float(field_strength), truth=truth, rotation=acq.R,
+                   meta=meta, phase_offset=vol(phi0_out, "rad"))
+
+
+def simulate_orientations(rotations_deg: Sequence[Sequence[float]], **kwargs: Any) -> list[Phantom]:
+    """The same head in several orientations (for COSMOS), one :class:`Phantom` per rotation.
+
+    The first entry is the reference frame (usually ``(0, 0, 0)``). All share the grid/affine and
+    the anatomy (``anatomy_seed``); orientation ``i`` uses noise seed ``seed + i``.
+    """
+    rots = [tuple(float(a) for a in r) for r in rotations_deg]
+    if not rots or any(len(r) != 3 for r in rots):
+        raise ParameterError("simulate_orientations: give a non-empty list of (x, y, z) rotations in degrees")
+    if "rotation_deg" in kwargs:
+        raise ParameterError("simulate_orientations: pass rotations in rotations_deg, not rotation_deg")
+    seed = int(kwargs.pop("seed", 0))
+    return [simulate_phantom(rotation_deg=r, seed=seed + i, **kwargs) for i, r in enumerate(rots)]
