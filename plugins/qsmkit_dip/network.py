@@ -26,6 +26,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from qsmkit.errors import ParameterError
+
 __all__ = ["DIPGenerator", "make_noise_input", "level_channels"]
 
 
@@ -97,7 +99,7 @@ class DIPGenerator(nn.Module):
                  skip_channels: int = 8):
         super().__init__()
         if depth < 1:
-            raise ValueError("depth must be >= 1")
+            raise ParameterError("depth must be >= 1")
         self.depth = int(depth)
         self.skip = bool(skip)
         widths = level_channels(channels, depth)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from qsmkit.errors import GeometryError, InputDataError
+
 #: R2* (1/s) under which a voxel counts as CSF at 3 T; scaled linearly with field strength
 CSF_R2STAR_3T = 5.0
 #: the brain mask is eroded by this distance (mm) before CSF is searched (keeps out cortical CSF,
@@ -37,7 +39,7 @@ def combine_magnitude(magnitude: np.ndarray) -> np.ndarray:
     if mag.ndim == 4:
         mag = np.sqrt(np.sum(mag * mag, axis=3, dtype=np.float32))
     if mag.ndim != 3:
-        raise ValueError(f"magnitude must be 3D or 4D, got shape {mag.shape}")
+        raise InputDataError(f"magnitude must be 3D or 4D, got shape {mag.shape}")
     return mag
 
 
@@ -74,7 +76,7 @@ def gradient_mask(magnitude: np.ndarray, mask: np.ndarray, voxel_size: Sequence[
         return np.ones((3,) + m.shape, dtype=bool)
     mag = np.nan_to_num(combine_magnitude(magnitude), nan=0.0, posinf=0.0, neginf=0.0)
     if mag.shape != m.shape:
-        raise ValueError(f"magnitude grid {mag.shape} differs from mask grid {m.shape}")
+        raise GeometryError(f"magnitude grid {mag.shape} differs from mask grid {m.shape}; give both on one voxel grid")
     g = np.abs(forward_gradient(np.where(m, mag, np.float32(0)), voxel_size))
     n_edges = int(round(float(edge_percentage) * int(m.sum())))
     n_edges = min(max(n_edges, 0), g.size)
@@ -113,7 +115,7 @@ def r2star_map(magnitude: np.ndarray, echo_times: Sequence[float], mask: np.ndar
     mag = np.asarray(magnitude, dtype=np.float32)
     te = np.asarray(echo_times, dtype=np.float64).ravel()
     if mag.ndim != 4 or mag.shape[3] < 2 or mag.shape[3] != te.size:
-        raise ValueError("r2star_map needs a 4D magnitude with one echo time per echo (at least 2 echoes)")
+        raise InputDataError("r2star_map needs a 4D magnitude with one echo time per echo (at least 2 echoes)")
     m = np.asarray(mask) > 0
     s = np.maximum(mag[m].astype(np.float64), 1e-12)          # (n, e)
     y = np.log(s)
