@@ -72,6 +72,15 @@ def _input_float_type(*arrays: np.ndarray):
     return np.float64
 
 
+def _input_pair(name: str, truth: Any, estimate: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(truth, estimate)`` in scikit-image's float type for ``precision="input"``, shapes checked."""
+    t, e = _arr(truth), _arr(estimate)
+    if t.shape != e.shape:
+        raise GeometryError(f"{name}: truth shape {t.shape} differs from estimate shape {e.shape}")
+    ft = _input_float_type(t, e)
+    return t.astype(ft, copy=False), e.astype(ft, copy=False)
+
+
 def _check_precision(precision: str) -> None:
     if precision not in ("float64", "input"):
         raise InputDataError(f"metrics: precision must be 'float64' or 'input', got {precision!r}")
@@ -131,11 +140,7 @@ def psnr(truth, estimate, mask=None, data_range: float | None = None, precision:
     """
     _check_precision(precision)
     if precision == "input":
-        t, e = _arr(truth), _arr(estimate)
-        if t.shape != e.shape:
-            raise GeometryError(f"psnr: truth shape {t.shape} differs from estimate shape {e.shape}")
-        ft = _input_float_type(t, e)
-        t, e = np.asarray(t, dtype=ft), np.asarray(e, dtype=ft)
+        t, e = _input_pair("psnr", truth, estimate)
         if mask is not None:
             sel = _arr(mask).astype(bool)
             t, e = t[sel], e[sel]
@@ -232,11 +237,7 @@ def ssim(truth, estimate, mask=None, data_range: float | None = None, win_size: 
 
     _check_precision(precision)
     if precision == "input":
-        t, e = _arr(truth), _arr(estimate)
-        if t.shape != e.shape:
-            raise GeometryError(f"ssim: truth shape {t.shape} differs from estimate shape {e.shape}")
-        ft = _input_float_type(t, e)
-        t, e = t.astype(ft, copy=False), e.astype(ft, copy=False)
+        t, e = _input_pair("ssim", truth, estimate)
         m = None if mask is None else _pair(truth, estimate, mask)[2]
     else:
         t, e, m = _pair(truth, estimate, mask)
