@@ -79,3 +79,27 @@ class Volume:
         aff = np.diag(np.r_[vs, 1.0])
         aff[:3, 3] = -vs * (np.asarray(np.shape(data)[:3]) - 1) / 2.0
         return cls(np.asarray(data), aff, units=units, b0_direction=b0_direction, meta=dict(meta))
+
+
+def field_and_mask(field: Volume, mask: Volume, field_name: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 3D float data of ``field`` and the boolean ``mask`` of a stage, checked (one-line errors).
+
+    A trailing axis of length 1 is dropped; the grids must agree, the mask must not be empty and
+    the field must be finite inside it. ``label`` (e.g. ``background/sharp``) names the stage.
+    """
+    from .errors import GeometryError, InputDataError, StageError
+
+    f = np.asarray(field.data)
+    if f.ndim == 4 and f.shape[3] == 1:
+        f = f[..., 0]
+    if f.ndim != 3:
+        raise InputDataError(f"{field_name} must be 3D, got shape {f.shape}")
+    m = np.asarray(mask.data) > 0
+    if m.shape != f.shape:
+        raise GeometryError(f"mask grid {m.shape} differs from the {field_name} grid {f.shape}; "
+                            f"resample the mask onto the field grid")
+    if not m.any():
+        raise StageError(f"{label}: the mask is empty; check the mask stage or mask file")
+    if not np.all(np.isfinite(f[m])):
+        raise InputDataError(f"{field_name} has NaN or infinite values inside the mask; fix the input field")
+    return f, m

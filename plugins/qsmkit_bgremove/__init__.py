@@ -8,11 +8,11 @@ the stages here only check the inputs, call them and log the erosion of the mask
 
 from __future__ import annotations
 
-import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit.errors import GeometryError, InputDataError, StageError
+from qsmkit.errors import StageError
 from qsmkit.params import CPU_DEVICE, lam, max_iter, tol
+from qsmkit.volume import field_and_mask
 
 from .ismv import ismv
 from .resharp import resharp
@@ -34,19 +34,7 @@ class _SmvBackground(Stage):
 
     def _inputs(self, ctx):
         tf, mv = ctx["total_field"], ctx["mask"]
-        f = np.asarray(tf.data)
-        if f.ndim == 4 and f.shape[3] == 1:
-            f = f[..., 0]
-        if f.ndim != 3:
-            raise InputDataError(f"total_field must be 3D, got shape {f.shape}")
-        m = np.asarray(mv.data) > 0
-        if m.shape != f.shape:
-            raise GeometryError(f"mask grid {m.shape} differs from the total_field grid {f.shape}; "
-                                "resample the mask onto the field grid")
-        if not m.any():
-            raise StageError(f"background/{self.name}: the mask is empty; check the mask stage or mask file")
-        if not np.all(np.isfinite(f[m])):
-            raise InputDataError("total_field has NaN or infinite values inside the mask; fix the input field")
+        f, m = field_and_mask(tf, mv, "total_field", f"background/{self.name}")
         return tf, mv, f, m
 
     def _outputs(self, ctx, tf, mv, m, local, eroded, radius, extra=""):

@@ -13,28 +13,22 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import scipy.fft as sfft
-
 from qsmkit.errors import InputDataError
-from qsmkit.operators import SMV, bounding_box
+from qsmkit.operators import SMV, PaddedBox, padded_box
 
 
 @dataclass
 class PaddedProblem:
     """A field and mask on the padded bounding-box grid, with the SMV of one radius on it."""
 
-    box: tuple
-    inner: tuple
-    full_shape: tuple
+    grid: PaddedBox
     field: np.ndarray      # float32, padded grid, 0 outside the mask
     mask: np.ndarray       # bool, padded grid
     smv: SMV
     eroded: np.ndarray     # bool, padded grid
 
     def uncrop(self, arr: np.ndarray, dtype=np.float32) -> np.ndarray:
-        out = np.zeros(self.full_shape, dtype=dtype)
-        out[self.box] = arr[self.inner]
-        return out
+        return self.grid.uncrop(arr, dtype)
 
 
 def check_inputs(field, mask, voxel_size, radius_mm):
@@ -58,19 +52,14 @@ def prepare(field, mask, voxel_size, radius_mm: float) -> PaddedProblem | None:
     f_in, m, vs = check_inputs(field, mask, voxel_size, radius_mm)
     if not m.any():
         return None
-    box = bounding_box(m)
-    pad = [int(math.ceil(float(radius_mm) / v)) + 1 for v in vs]
-    shape = tuple(sfft.next_fast_len(box[a].stop - box[a].start + 2 * pad[a], real=True) for a in range(3))
-    inner = tuple(slice(pad[a], pad[a] + box[a].stop - box[a].start) for a in range(3))
-    mw = np.zeros(shape, dtype=bool)
-    mw[inner] = m[box]
-    fw = np.zeros(shape, dtype=np.float32)
-    fw[inner] = f_in[box]
+    pb = padded_box(m, [int(math.ceil(float(radius_mm) / v)) + 1 for v in vs])
+    mw = pb.embed(m, bool)
+    fw = pb.embed(f_in)
     fw *= mw
-    smv = SMV(shape, vs, radius_mm)  # the padded box is the FFT grid (no further padding)
+    smv = SMV(pb.shape, vs, radius_mm)  # the padded box is the FFT grid (no further padding)
     cover = smv.apply(mw.astype(np.float32))
     eroded = (cover > np.float32(1.0 - 0.5 / smv.n_ball)) & mw
-    return PaddedProblem(box, inner, m.shape, fw, mw, smv, eroded)
+    return PaddedProblem(pb, fw, mw, smv, eroded)
 
 
 def empty_result(shape: Sequence[int]):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit.errors import GeometryError, InputDataError, StageError
+from qsmkit.errors import StageError
 from qsmkit.params import CPU_DEVICE
+from qsmkit.volume import field_and_mask
 
 from .vsharp import default_radii, smv_kernel_half, vsharp
 
@@ -35,19 +35,7 @@ class VSharp(Stage):
 
     def run(self, ctx, p):
         tf, mv = ctx["total_field"], ctx["mask"]
-        f = np.asarray(tf.data)
-        if f.ndim == 4 and f.shape[3] == 1:
-            f = f[..., 0]
-        if f.ndim != 3:
-            raise InputDataError(f"total_field must be 3D, got shape {f.shape}")
-        m = np.asarray(mv.data) > 0
-        if m.shape != f.shape:
-            raise GeometryError(f"mask grid {m.shape} differs from the total_field grid {f.shape}; "
-                                "resample the mask onto the field grid")
-        if not m.any():
-            raise StageError("background/vsharp: the mask is empty; check the mask stage or mask file")
-        if not np.all(np.isfinite(f[m])):
-            raise InputDataError("total_field has NaN or infinite values inside the mask; fix the input field")
+        f, m = field_and_mask(tf, mv, "total_field", "background/vsharp")
         radii = p.radii_mm or default_radii(tf.voxel_size)
         local, eroded, info = vsharp(f, m, tf.voxel_size, radii, p.threshold, p.reject, return_info=True)
         if not eroded.any():

@@ -28,10 +28,9 @@ import math
 from typing import Sequence
 
 import numpy as np
-import scipy.fft as sfft
 
 from qsmkit.errors import InputDataError
-from qsmkit.operators import SMV, bounding_box
+from qsmkit.operators import SMV, padded_box
 
 
 def default_radii(voxel_size: Sequence[float], r_max: float = 12.0, r_min: float | None = None) -> list[float]:
@@ -116,18 +115,10 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
         return (local_full, eroded_full, info) if return_info else (local_full, eroded_full)
 
     # crop to the bounding box, pad by the largest radius (+1) on every side, FFT-friendly sizes
-    box = bounding_box(m)
-    pad = [int(math.ceil(radii[0] / v)) + 1 for v in vs]
-    shape = []
-    for axis in range(3):
-        n = box[axis].stop - box[axis].start + 2 * pad[axis]
-        shape.append(sfft.next_fast_len(n, real=True))
-    shape = tuple(shape)
-    inner = tuple(slice(pad[a], pad[a] + box[a].stop - box[a].start) for a in range(3))
-    mw = np.zeros(shape, dtype=bool)
-    mw[inner] = m[box]
-    f = np.zeros(shape, dtype=np.float32)
-    f[inner] = f_in[box]
+    pb = padded_box(m, [int(math.ceil(radii[0] / v)) + 1 for v in vs])
+    shape = pb.shape
+    mw = pb.embed(m, bool)
+    f = pb.embed(f_in)
     f *= mw
 
     grid = SMV(shape, vs, radii[0])   # the core SMV operators' FFTs (no padding: the box is padded above)
@@ -177,6 +168,6 @@ def vsharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
     del k, s_big
     loc = grid.filter(hp, inv)
     loc *= filled
-    local_full[box] = loc[inner]
-    eroded_full[box] = filled[inner]
+    local_full[pb.box] = loc[pb.inner]
+    eroded_full[pb.box] = filled[pb.inner]
     return (local_full, eroded_full, info) if return_info else (local_full, eroded_full)

@@ -40,9 +40,9 @@ from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, 
                    is_torch)
 from .fourier import SMV, Dipole, FourierMultiplier
 from .gradient import Gradient
-from .grid import bounding_box
+from .grid import PaddedBox, bounding_box, padded_box
 from .solvers import CGInfo, cg, power_iteration
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
            "FourierMultiplier", "Dipole", "SMV", "Gradient", "cg", "CGInfo", "power_iteration",
-           "bounding_box", "all_operator_classes", "is_torch"]
+           "bounding_box", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

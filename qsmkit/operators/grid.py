@@ -1,6 +1,9 @@
-"""Grid helper: the bounding box of a mask (the one place for it)."""
+"""Grid helpers: the bounding box of a mask, and that box zero-padded to an FFT-friendly grid."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -22,3 +25,40 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
         lo, hi = int(nz[0]), int(nz[-1]) + 1
         out.append(slice(max(lo - int(margin), 0), min(hi + int(margin), m.shape[axis])))
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class PaddedBox:
+    """A mask's bounding box, zero-padded on every side to FFT-friendly sizes (see :func:`padded_box`)."""
+
+    box: tuple          # slices of the box in the full grid
+    inner: tuple        # slices of the box in the padded grid
+    shape: tuple        # the padded grid
+    full_shape: tuple   # the full grid
+
+    def embed(self, arr: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """``arr`` (full grid) cropped to the box and zero-padded to :attr:`shape`."""
+        out = np.zeros(self.shape, dtype=dtype)
+        out[self.inner] = np.asarray(arr)[self.box]
+        return out
+
+    def uncrop(self, arr: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """``arr`` (padded grid) back on the full grid, zero outside the box."""
+        out = np.zeros(self.full_shape, dtype=dtype)
+        out[self.box] = arr[self.inner]
+        return out
+
+
+def padded_box(mask: np.ndarray, pad: Sequence[int]) -> PaddedBox:
+    """The bounding box of ``mask`` padded by ``pad[a]`` voxels per side, each size an FFT-fast length.
+
+    Used by methods whose kernels must not wrap around the (periodic) FFT grid, e.g. SMV filters
+    of radius ``r``: ``pad = ceil(r / voxel_size) + 1``.
+    """
+    import scipy.fft as sfft
+
+    box = bounding_box(mask)
+    ext = [b.stop - b.start for b in box]
+    shape = tuple(sfft.next_fast_len(ext[a] + 2 * int(pad[a]), real=True) for a in range(len(box)))
+    inner = tuple(slice(int(pad[a]), int(pad[a]) + ext[a]) for a in range(len(box)))
+    return PaddedBox(box, inner, shape, tuple(np.shape(mask)))
