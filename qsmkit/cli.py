@@ -1,4 +1,4 @@
-"""Command line: ``qsmkit run | validate | plugins | simulate | evaluate``, plus the plugins' commands.
+"""Command line: ``qsmkit run | validate | plugins | simulate | evaluate | report``, plus the plugins' commands.
 
 Plugins add commands through the ``qsmkit_register_commands`` hook (e.g. ``simulate-kspace``
 from the k-space plugin); the group loads them lazily (:class:`qsmkit.commands.PluginGroup`).
@@ -71,10 +71,41 @@ def _on_sigterm(signum, frame) -> None:
 @click.option("--overwrite", is_flag=True,
               help="Write into a folder that holds other files: same-named ones are replaced, others kept.")
 @click.option("--quiet", "-q", is_flag=True, help="Only print errors and the output folder.")
-def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool, quiet: bool) -> None:
-    """Validate and run PIPELINE (YAML); write NIfTI outputs and provenance.json."""
+@click.option("--bids", "bids_dir", type=click.Path(path_type=Path), metavar="BIDS_DIR",
+              help="Run PIPELINE on every multi-echo GRE run of this BIDS dataset (outputs: a BIDS derivative "
+                   "dataset, by default BIDS_DIR/derivatives/qsmkit; see docs/cohorts.md).")
+@click.option("--participant-label", multiple=True, metavar="LABEL",
+              help="With --bids: only these subjects (01 or sub-01; repeatable or comma-separated).")
+@click.option("--session-label", multiple=True, metavar="LABEL", help="With --bids: only these sessions.")
+@click.option("--run", "run_label", multiple=True, metavar="LABEL", help="With --bids: only these run- labels.")
+@click.option("--acq", multiple=True, metavar="LABEL", help="With --bids: only these acq- labels.")
+@click.option("--executor", type=click.Choice(["local", "dask"]), default=None,
+              help="With --bids: a local process pool (default) or Dask distributed.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="With --bids: runs side by side (default: cores, at most 4; fewer if memory is short).")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="With --executor dask: a running scheduler (tcp://host:8786) instead of a LocalCluster.")
+def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool, quiet: bool,
+        bids_dir: Path | None = None, participant_label: tuple[str, ...] = (), session_label: tuple[str, ...] = (),
+        run_label: tuple[str, ...] = (), acq: tuple[str, ...] = (), executor: str | None = None,
+        workers: int | None = None, scheduler: str | None = None) -> int | None:
+    """Validate and run PIPELINE (YAML); write NIfTI outputs and provenance.json.
+
+    With --bids, run it on every run of a BIDS dataset: a failed run never stops the others, a
+    table lists every run at the end (exit status 1 if any failed), and a rerun recomputes only
+    what changed.
+    """
     from .pipeline import load_plan, run_plan
 
+    cohort_only = {"--participant-label": participant_label, "--session-label": session_label,
+                   "--run": run_label, "--acq": acq, "--executor": executor, "--workers": workers,
+                   "--scheduler": scheduler}
+    if bids_dir is not None:
+        return _run_bids(pipeline, bids_dir, output_dir, overrides, overwrite, quiet, participant_label,
+                         session_label, run_label, acq, executor or "local", workers, scheduler)
+    given = [k for k, v in cohort_only.items() if v]
+    if given:
+        raise click.UsageError(f"{given[0]} needs --bids BIDS_DIR")
     registry = _registry()
     plan = load_plan(pipeline, registry, overrides, output_dir, overwrite=overwrite)
     log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
@@ -97,6 +128,36 @@ def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], ove
         m = result.metrics
         click.echo(f"image vs target: NMSE {m['nmse']:.4f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} "
                    f"(fastMRI evaluate, centre crop)")
+
+
+def _run_bids(pipeline: Path, bids_dir: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool,
+              quiet: bool, participant_label, session_label, run_label, acq, executor: str, workers: int | None,
+              scheduler: str | None) -> int:
+    """``qsmkit run PIPELINE --bids BIDS_DIR``: the cohort (:mod:`qsmkit.pipeline.cohort`)."""
+    from .pipeline.cohort import prepare_cohort, run_cohort, summary_table
+
+    if scheduler and executor != "dask":
+        raise click.UsageError("--scheduler needs --executor dask")
+    log = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    cohort = prepare_cohort(pipeline, bids_dir, _registry(), output_dir, overrides, overwrite, participant_label,
+                            session_label, run_label, acq)
+    log(f"pipeline '{cohort.name}' on {len(cohort.runs)} run(s) of {bids_dir}: {len(cohort.jobs)} to run, "
+        f"{sum(o.status == 'cached' for o in cohort.known)} unchanged, "
+        f"{sum(o.status == 'failed' for o in cohort.known)} invalid")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        outcomes = run_cohort(cohort, executor, workers, scheduler, log)
+    except (KeyboardInterrupt, Terminated) as exc:
+        name, code = ("SIGTERM", Terminated.exit_code) if isinstance(exc, Terminated) else ("Ctrl-C", 130)
+        click.echo(f"interrupted ({name}); the runs reported done are complete in {cohort.out_dir}, the others "
+                   f"left no partial files: rerun the same command to finish them", err=True)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for line in summary_table(outcomes):
+        click.echo(line)
+    click.echo(f"outputs: {cohort.out_dir}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 @cli.command()
@@ -155,14 +216,19 @@ def plugins(kind: str | None) -> None:
 @click.option("--rotation", default=None, help="Head rotation in degrees about x,y,z.")
 @click.option("--snr", type=float, default=None, help="First-echo brain SNR (inf for noise-free).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--phase-offset", type=click.Choice(["smooth", "coil", "none"]), default="smooth", show_default=True,
+              help="Phase offset phi0: smooth, coil-like (wraps; for MCPC-3D-S) or none.")
+@click.option("--bipolar", type=float, default=0.0, show_default=True,
+              help="Bipolar readout: rad added to the even echoes (constant + readout ramp).")
+@click.option("--haemorrhage", is_flag=True, help="Add a 9 mm haematoma (+1.0 ppm, T2* 5 ms) in deep white matter.")
 @click.option("--overwrite", is_flag=True, help="Write into a folder that holds other files (same names replaced).")
 def simulate(out: Path, shape, voxel_size, echo_times, field_strength, b0_direction, rotation, snr, seed,
-             overwrite: bool) -> None:
+             phase_offset: str, bipolar: float, haemorrhage: bool, overwrite: bool) -> None:
     """Write the numerical head phantom (magnitude, phase, truths) to OUT."""
     from .simulate import simulate_phantom
     from .inputs import check_echo_times, check_field_strength
 
-    kw: dict = {"seed": seed}
+    kw: dict = {"seed": seed, "phase_offset": phase_offset, "bipolar": bipolar, "haemorrhage": haemorrhage}
     if shape:
         kw["shape"] = tuple(int(v) for v in _floats(shape, 3, "--shape"))
     if voxel_size:
@@ -222,6 +288,24 @@ def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_js
         else:
             click.echo(f"{key:>20s}  {value}")
 
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
+              help="Label map (NIfTI, the runs' grid) for a table of ROI means of chi; names from a dseg-style TSV "
+                   "beside it.")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="HTML file to write (default: FOLDER/report.html).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing HTML file that qsmkit did not write.")
+def report(folder: Path, labels: Path | None, output: Path | None, overwrite: bool) -> None:
+    """Write an HTML index of the runs at or below FOLDER: status, duration, QC pictures, ROI means."""
+    from .report import describe, write_report
+
+    path, runs = write_report(folder, output, labels, overwrite)
+    for line in describe(runs):
+        click.echo(line, err=True)
+    click.echo(f"report: {path}")
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """qsmkit's own warnings as one ``warning: ...`` line on stderr; others as Python shows them."""

@@ -25,13 +25,13 @@ from .io.sidecars import NIFTI_SUFFIXES, read_sidecar, sidecar_echo_times, sidec
 
 #: acquisition keys of an ``inputs`` section (any other key is an artifact given as a file or value)
 ACQUISITION = {"magnitude", "phase", "echo_times", "field_strength", "phase_units", "invert_phase",
-               "b0_direction", "ignore_sidecars"}
+               "b0_direction", "ignore_sidecars", "field_units"}
 #: keys with a meaning of their own
 RESERVED = ACQUISITION | {"simulate", "orientations"}
 #: artifacts whose files hold fields in ppm (documented units of inputs given as files)
 UNITS = {"total_field": "ppm", "local_field": "ppm", "chi": "ppm", "unwrapped_phase": "rad",
          "phase": "rad", "noise_weight": "1/ppm", "magnitude": "a.u.", "mask": "bool"}
-MASK_LIKE = {"mask", "csf_mask"}
+MASK_LIKE = {"mask", "csf_mask", "head_mask"}
 HDF5_SUFFIXES = (".h5", ".hdf5", ".mat")
 #: inputs that must be files: NIfTI images, or HDF5 for k-space
 FILE_KEYS = set(UNITS) | MASK_LIKE | {"kspace"}
@@ -109,6 +109,30 @@ def _check_b0_direction(value: Any) -> None:
 def _check_flag(inputs: Mapping[str, Any], key: str) -> None:
     if key in inputs and not isinstance(inputs[key], bool):
         raise ConfigError(f"inputs.{key} must be true or false, got {inputs[key]!r}")
+
+
+def _check_field_units(values: Mapping[str, Any]) -> None:
+    """``inputs.field_units`` (units of total_field / local_field files, :mod:`qsmkit.io.units`): a known
+    unit, with a field file to apply to and the field strength (and, for ``rad``, one echo time) it needs."""
+    from .io.units import FIELD_ARTIFACTS, FIELD_UNITS
+
+    if "field_units" not in values:
+        return
+    units = values["field_units"]
+    if units not in FIELD_UNITS:
+        raise ConfigError(f"inputs.field_units = {units!r}; choose one of {', '.join(FIELD_UNITS)} (the units of "
+                          f"the total_field / local_field files)")
+    if not any(isinstance(values.get(k), Path) for k in FIELD_ARTIFACTS):
+        raise ConfigError("inputs.field_units is given but no total_field or local_field file is; remove it, or "
+                          "give the field file it describes")
+    if units != "ppm" and "field_strength" not in values:
+        raise ConfigError(f"inputs.field_units: {units} needs the field strength to convert to ppm; add "
+                          f"'field_strength: 3.0' (tesla) under inputs")
+    if units == "rad":
+        te = values.get("echo_times")
+        if not isinstance(te, (list, tuple, int, float)) or isinstance(te, bool) or len(np.atleast_1d(te)) != 1:
+            raise ConfigError("inputs.field_units: rad needs the one time over which the phase accrued; give "
+                              "'echo_times: [TE]' (seconds, one value; the echo spacing for a phase difference)")
 
 
 def _agree(a: Iterable[float], b: Iterable[float]) -> bool:
@@ -289,6 +313,7 @@ def prepare_inputs(raw: Any, base: Path, touched: set[str], artifacts: Iterable[
         _check_b0_direction(values["b0_direction"])
     if values.get("phase_units", "rad") not in PHASE_UNITS:
         raise ConfigError(f"inputs.phase_units = {values['phase_units']!r}; choose one of {', '.join(PHASE_UNITS)}")
+    _check_field_units(values)
     notes: list[str] = []
     if "simulate" in values:
         if not isinstance(values["simulate"], dict):
@@ -329,7 +354,7 @@ def prepare_inputs(raw: Any, base: Path, touched: set[str], artifacts: Iterable[
                 values[key] = ref[key]
         return PreparedInputs(values, notes)
     acq = {k: v for k, v in values.items() if k not in ("phase_units", "invert_phase", "b0_direction",
-                                                       "ignore_sidecars")}
+                                                       "ignore_sidecars", "field_units")}
     values.update(_probe_acquisition(acq, "inputs", values, notes))
     if "phase" not in values:  # echo times or field strength given alone (e.g. with an unwrapped phase)
         if "echo_times" in values:

@@ -26,7 +26,8 @@ PRODUCED_BY: dict[str, str] = {
     "mask": "mask", "unwrapped_phase": "unwrap", "total_field": "echo_combine",
     "noise_weight": "echo_combine", "local_field": "background", "chi": "inversion",
     "transforms": "register", "kspace": "kspace_read", "sampling_mask": "undersample",
-    "maps": "coil_maps", "image": "recon",
+    "maps": "coil_maps", "image": "recon", "quality": "unwrap", "reliable_mask": "mask",
+    "phase_offset": "phase_offset",
 }
 
 #: the artifact through which a ``scope = "joint"`` stage sees every acquisition of a
@@ -238,6 +239,53 @@ class StageContext(Mapping):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+    def optional_mask(self, shape: Sequence[int]) -> Any:
+        """The ``mask`` artifact as a boolean array checked against the grid ``shape``, or ``None``
+        when there is none (for stages that read a mask optionally); one-line errors for another
+        grid or an empty mask."""
+        import numpy as np
+
+        from .errors import GeometryError, StageError
+
+        if "mask" not in self:
+            return None
+        mask = np.asarray(self["mask"].data) > 0
+        if mask.ndim == 4 and mask.shape[3] == 1:
+            mask = mask[..., 0]
+        if mask.shape != tuple(shape):
+            raise GeometryError(f"mask grid {mask.shape} differs from the phase grid {tuple(shape)}; "
+                                f"resample the mask onto the phase grid")
+        if not mask.any():
+            raise StageError(f"{self.stage_label}: the mask is empty; check the mask stage or the mask file")
+        return mask
+
+    def echo_times(self, n_echoes: int) -> Any:
+        """``echo_times`` (float64 array, s) checked against ``n_echoes`` echoes (one-line errors)."""
+        import numpy as np
+
+        from .errors import InputDataError, UnitsError
+
+        te = np.atleast_1d(np.asarray(self["echo_times"], dtype=np.float64))
+        if te.size != n_echoes:
+            raise InputDataError(f"{te.size} echo times were given for {n_echoes} echoes; give one echo time "
+                                 f"per echo")
+        if not np.all(np.isfinite(te)) or np.any(te <= 0):
+            raise UnitsError(f"echo times must be positive seconds, got {te.tolist()}")
+        if np.any(te > 1.0):
+            raise UnitsError(f"echo times {te.tolist()} look like milliseconds; give them in seconds")
+        return te
+
+    def field_strength(self) -> float:
+        """``field_strength`` (T), checked to be a positive number."""
+        import math
+
+        from .errors import UnitsError
+
+        b0 = float(self["field_strength"])
+        if not math.isfinite(b0) or b0 <= 0:
+            raise UnitsError(f"field_strength must be a positive number of tesla, got {b0}")
+        return b0
 
     def log(self, message: str) -> None:
         """Print a progress line for this stage (indented, to stderr)."""

@@ -56,7 +56,7 @@ def data(tmp_path):
 def tkd_pipeline(folder: Path, out: str = "out", stages: str = "  - {stage: inversion, method: tkd}\n",
                  inputs: str = "local_field: lf.nii.gz, mask: mask.nii.gz", name: str = "t") -> Path:
     p = folder / f"{name}.yaml"
-    p.write_text(f"name: {name}\ninputs: {{{inputs}}}\nstages:\n{stages}output_dir: {out}\n")
+    p.write_text(f"name: {name}\nqc: false\ninputs: {{{inputs}}}\nstages:\n{stages}output_dir: {out}\n")  # exact file lists
     return p
 
 
@@ -120,7 +120,7 @@ def test_rerun_drops_stale_metrics(tmp_path, capsys):
                  "stages:\n  - {stage: inversion, method: tkd}\noutput_dir: out\n")
     code, _, err = run_cli(["run", p], capsys)
     assert code == 0, err
-    assert names(tmp_path / "out") == ["chi.nii.gz", "provenance.json"]
+    assert names(tmp_path / "out") == ["chi.nii.gz", "provenance.json", "qc_chi.png"]  # stale QC pictures gone too
 
 
 def test_other_pipeline_outputs_are_refused(data, capsys):
@@ -347,7 +347,8 @@ def _quick_pipeline(folder: Path, shape=(40, 40, 32)) -> Path:
     p.write_text(f"name: q\ninputs: {{simulate: {{shape: {list(shape)}, voxel_size: [1.5, 1.5, 1.5], seed: 3}}}}\n"
                  "stages:\n  - {stage: mask, method: threshold}\n  - {stage: unwrap, method: laplacian}\n"
                  "  - {stage: echo_combine, method: weighted_fit}\n  - {stage: background, method: vsharp}\n"
-                 "  - {stage: inversion, method: tkd}\n  - {stage: reference, method: mean}\noutput_dir: out\n")
+                 "  - {stage: inversion, method: tkd}\n  - {stage: reference, method: mean}\noutput_dir: out\n"
+                 "qc: false\n")  # QC pictures cost ~1 s per run here; their atomicity is tested in test_qc.py
     return p
 
 
@@ -367,7 +368,7 @@ def _snapshot(out: Path) -> dict:
         elif f.name == "provenance.json":
             snap[f.name] = sorted(json.loads(f.read_text())["outputs"])
         else:
-            snap[f.name] = f.read_text()
+            snap[f.name] = f.read_bytes()  # metrics.json, the QC PNGs
     return snap
 
 

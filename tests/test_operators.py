@@ -20,7 +20,8 @@ from qsmkit.physics import dipole_convolve, dipole_kernel
 
 # ---------------------------------------------------------------- discovery of the operators
 PLUGIN_MODULES = ["qsmkit_tkd.tkd", "qsmkit_medi.medi", "qsmkit_cosmos.cosmos", "qsmkit_dip.fit",
-                  "qsmkit_kspace.sense", "qsmkit_unwrap.laplacian", "qsmkit_vsharp.vsharp"]
+                  "qsmkit_kspace.sense", "qsmkit_unwrap.laplacian", "qsmkit_vsharp.vsharp",
+                  "qsmkit_tfi.tfi", "qsmkit_bgremove.pdf", "qsmkit_bgremove.laplace"]
 
 
 def _import_plugins() -> None:

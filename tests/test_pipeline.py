@@ -21,7 +21,7 @@ def folder(tmp_path):
     write_nifti(tmp_path / "lf.nii.gz", field, a, sform_code=2, qform_code=1)
     write_nifti(tmp_path / "mask.nii.gz", np.ones(SHAPE, np.uint8), a)
     (tmp_path / "p.yaml").write_text(
-        "name: tkd-test\ninputs: {local_field: lf.nii.gz, mask: mask.nii.gz}\n"
+        "name: tkd-test\nqc: false\ninputs: {local_field: lf.nii.gz, mask: mask.nii.gz}\n"
         "stages:\n  - {stage: mask, method: threshold}\n  - {stage: inversion, method: tkd, params: {threshold: 0.2}}\n"
         "output_dir: results\n")
     return tmp_path
@@ -96,6 +96,21 @@ def test_in_place_stage_is_not_skipped_when_its_artifact_is_given(folder):
     chi = res.artifacts["chi"].data
     assert abs(float(chi[res.artifacts["mask"].data].mean())) < 1e-6
 
+
+
+def test_stage_runs_when_a_later_stage_may_use_its_output(folder):
+    """A mask stage before stages that read a mask only optionally runs (it was once skipped); a
+    stage that could not run (its inputs missing) stays skipped."""
+    (folder / "u.yaml").write_text(
+        "inputs: {simulate: {shape: [32, 32, 24], voxel_size: [3, 3, 3]}}\nstages:\n"
+        "  - {stage: mask, method: threshold}\n  - {stage: unwrap, method: laplacian}\noutput_dir: u\n")
+    plan = load_plan(folder / "u.yaml", load_registry())
+    assert [s.run for s in plan.steps] == [True, True]
+    (folder / "v.yaml").write_text(
+        "inputs: {local_field: lf.nii.gz, mask: mask.nii.gz, magnitude: mask.nii.gz}\nstages:\n"
+        "  - {stage: echo_combine, method: weighted_fit}\n  - {stage: inversion, method: medi}\noutput_dir: v\n")
+    plan = load_plan(folder / "v.yaml", load_registry())
+    assert [s.run for s in plan.steps] == [False, True]   # medi may read noise_weight; no phase to fit
 
 def test_stage_sees_only_declared_artifacts(folder, capsys):
     """A stage reading an artifact it did not declare gets an error naming it; undeclared outputs too."""

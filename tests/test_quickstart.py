@@ -47,7 +47,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     res = run_plan(plan, reg, log=lambda m: None)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["chi.nii.gz", "local_field.nii.gz", "mask.nii.gz", "metrics.json", "noise_weight.nii.gz",
-                     "provenance.json", "total_field.nii.gz", "unwrapped_phase.nii.gz"]
+                     "provenance.json", "qc_chi.png", "qc_local_field.png", "qc_mask.png", "total_field.nii.gz",
+                     "unwrapped_phase.nii.gz"]
     # from wrapped phase: measured 52.7 % (local field) and 70.4 % (chi); bounds leave a margin
     assert res.metrics["local_field"]["nrmse"] < 60
     assert res.metrics["chi"]["nrmse"] < 80

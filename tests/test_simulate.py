@@ -312,3 +312,111 @@ def test_unknown_option_is_a_parameter_error():
         simulate_phantom(snrr=10, **TINY)
     r = repr(simulate_phantom(snr=None, **TINY))
     assert r.startswith("Phantom(shape=(40, 40, 40)") and len(r) < 300
+
+
+# --------------------------------------------------------------------------- contrast options
+SMALL48 = dict(shape=(48, 48, 48), voxel_size=(2.0, 2.0, 2.0), oversample=1)
+
+
+def _digest(p):
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in (p.magnitude.data, p.phase.data, p.phase_offset.data, *(v.data for v in p.truth.values())):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_contrast_option_defaults_are_the_plain_phantom():
+    """phase_offset="smooth", bipolar=0, haemorrhage=False are today's phantom, bit for bit
+    (digest of the 40^3 phantom taken before these options existed)."""
+    p = simulate_phantom(**TINY)
+    assert _digest(p) == "01064acb8982cc1dd41bb388dfee64b11d813da6"
+    q = simulate_phantom(phase_offset="smooth", bipolar=0.0, haemorrhage=False, **TINY)
+    assert _digest(q) == _digest(p)
+    assert "bipolar_phase" not in p.meta and "haemorrhage" not in p.meta
+    assert p.meta["options"]["phase_offset"] == "smooth"
+
+
+def test_phase_offset_models():
+    m0 = None
+    out = {}
+    for mode in ("smooth", "coil", "none"):
+        p = simulate_phantom(phase_offset=mode, snr=None, **SMALL48)
+        m0 = p.mask.data if m0 is None else m0
+        out[mode] = p
+    m = m0
+    assert np.all(out["none"].phase_offset.data == 0)
+    smooth, coil = out["smooth"].phase_offset.data, out["coil"].phase_offset.data
+    assert np.ptp(smooth[m]) < 2 * np.pi                    # today's phi0 does not wrap in the brain
+    assert np.ptp(coil[m]) > 2 * np.pi                      # the coil-like one does (~7.5 rad)
+    # ... and is smooth: < 0.25 rad/mm anywhere in the brain of this small head (0.16 measured;
+    # gradients scale with 1/head size: 0.1 rad/mm on the default grid)
+    g = np.sqrt(sum(d ** 2 for d in np.gradient(coil, 2.0)))
+    assert g[m].max() < 0.25
+    # the offset is what sits in the phase: echo phases differ by phi0 only (same field, no noise)
+    for e in range(out["none"].phase.data.shape[-1]):
+        d = np.angle(np.exp(1j * (out["coil"].phase.data[..., e] - out["none"].phase.data[..., e] - coil)))
+        assert np.percentile(np.abs(d[m]), 99) < 0.05
+    # the truth fields do not depend on phi0
+    np.testing.assert_array_equal(out["coil"].truth["total_field"].data, out["none"].truth["total_field"].data)
+    with pytest.raises(ParameterError, match="phase_offset must be one of"):
+        simulate_phantom(phase_offset="coils", **TINY)
+
+
+def test_bipolar_odd_even_difference_is_the_documented_term():
+    from qsmkit.simulate.forward import bipolar_phase
+
+    b = 0.7
+    ref = simulate_phantom(snr=None, **SMALL48)
+    p = simulate_phantom(bipolar=b, snr=None, **SMALL48)
+    n0 = SMALL48["shape"][0]
+    delta = b * (1.0 + (np.arange(n0) - (n0 - 1) / 2.0) / n0)
+    np.testing.assert_allclose(p.meta["bipolar_phase"].ravel(), delta, rtol=1e-6)
+    np.testing.assert_allclose(bipolar_phase((n0, 1, 1), b).ravel(), delta, rtol=1e-6)
+    assert p.meta["bipolar"]["even_echoes"] == [2, 4]
+    head = ref.magnitude.data[..., 0] > 1e-3
+    for e in range(5):
+        d = np.angle(np.exp(1j * (p.phase.data[..., e] - ref.phase.data[..., e])))
+        want = np.broadcast_to(delta[:, None, None], d.shape) if e % 2 else np.zeros(d.shape)
+        np.testing.assert_allclose(d[head], want[head], atol=1e-4)
+    np.testing.assert_allclose(p.magnitude.data, ref.magnitude.data, rtol=1e-5, atol=1e-6)   # phase only
+    np.testing.assert_array_equal(p.phase_offset.data, ref.phase_offset.data)   # phi0 of the odd echoes
+    with pytest.raises(ParameterError, match="bipolar"):
+        simulate_phantom(bipolar=10.0, **TINY)
+
+
+def test_haemorrhage_option():
+    plain = simulate_phantom(snr=None, **SMALL48)
+    p = simulate_phantom(haemorrhage=True, snr=None, **SMALL48)
+    k = p.meta["haemorrhage"]["label"]
+    assert LABELS[k] == "haemorrhage"
+    lab, m = p.truth["labels"].data, p.mask.data
+    blob = (lab == k) & (plain.truth["labels"].data != k)
+    # a ball of radius 0.13 x the mean head semi-axis (5.2 mm here, 9.1 mm on the default grid)
+    r = p.meta["haemorrhage"]["radius_mm"]
+    assert 5.0 < r < 5.5
+    vol = blob.sum() * 8.0
+    assert 0.7 * (4 / 3 * np.pi * r ** 3) < vol < 1.3 * (4 / 3 * np.pi * r ** 3)
+    assert np.all(m[lab == k])                                  # inside the brain mask
+    ring = ndi.binary_dilation(blob, iterations=1) & ~blob & (lab != k)
+    assert np.mean(lab[ring] == 3) > 0.8                        # surrounded by white matter
+    inner = ndi.binary_erosion(blob)
+    np.testing.assert_allclose(p.truth["chi"].data[inner], 1.0, atol=1e-6)   # +1 ppm rel. CSF
+    mag = p.magnitude.data
+    wm = ndi.binary_erosion(lab == 3)
+    # T2* 5 ms: dark from the first echo on, almost no signal in the last
+    assert mag[inner, 0].mean() < 0.5 * mag[wm, 0].mean()
+    assert mag[inner, 4].mean() < 0.1 * mag[wm, 4].mean()
+    np.testing.assert_allclose(mag[inner, 4] / mag[inner, 0], np.exp(-0.016 / 0.005), rtol=0.05)
+    with pytest.raises(ParameterError, match="haemorrhage"):
+        simulate_phantom(haemorrhage="yes", **TINY)
+
+
+def test_contrast_options_through_pipeline_inputs():
+    from qsmkit.io.acquisition import simulate_inputs
+
+    art, per = simulate_inputs({"shape": [40, 40, 40], "voxel_size": [1.5, 1.5, 1.5], "phase_offset": "coil",
+                                "bipolar": 0.3, "haemorrhage": True, "snr": None})
+    assert per is None and art["phase"].data.shape == (40, 40, 40, 5)
+    assert np.any(art["truth"]["labels"].data == 11)

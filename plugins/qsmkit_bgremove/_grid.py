@@ -31,7 +31,7 @@ class PaddedProblem:
         return self.grid.uncrop(arr, dtype)
 
 
-def check_inputs(field, mask, voxel_size, radius_mm):
+def check_inputs(field, mask, voxel_size, radius_mm=None):
     """float32 field, bool mask, voxel size as floats; one-line InputDataError otherwise."""
     f = np.asarray(field, dtype=np.float32)
     m = np.asarray(mask) > 0
@@ -40,7 +40,7 @@ def check_inputs(field, mask, voxel_size, radius_mm):
     vs = tuple(float(v) for v in voxel_size)
     if len(vs) != 3 or min(vs) <= 0:
         raise InputDataError(f"voxel_size must be 3 positive values in mm, got {voxel_size}")
-    if not float(radius_mm) > 0:
+    if radius_mm is not None and not float(radius_mm) > 0:
         raise InputDataError(f"radius_mm must be positive, got {radius_mm}")
     if m.any() and not np.all(np.isfinite(f[m])):
         raise InputDataError("field has NaN or infinite values inside the mask; fix the input field")

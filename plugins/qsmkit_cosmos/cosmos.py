@@ -25,6 +25,7 @@ import numpy as np
 from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError
 from qsmkit.operators import Dipole, Identity, Linop, cg, is_torch
+from qsmkit.progress import progress_callback
 
 __all__ = ["cosmos", "cosmos_cg", "condition_map", "CosmosOperator"]
 
@@ -268,7 +269,9 @@ def cosmos_cg(fields: Sequence[np.ndarray], b0_dirs: Sequence[Sequence[float]], 
         if log is not None and k % 10 == 0:
             log(f"CG iteration {k}: relative residual {rel:.2e}")
 
-    x, info = cg(system, b, x0_t, tol=float(tol), max_iter=int(max_iter), callback=progress)
+    with progress_callback(int(max_iter), "COSMOS CG") as tick:
+        x, info = cg(system, b, x0_t, tol=float(tol), max_iter=int(max_iter),
+                     callback=lambda *a: (tick(*a), progress(*a)))
     x = x * m
     chi = x.detach().cpu().numpy().astype(np.float32) if is_torch(x) else np.asarray(x, dtype=np.float32)
     rel = float(info.relative_residual)

@@ -51,6 +51,7 @@ import numpy as np
 
 from qsmkit.device import resolve_device
 from qsmkit.errors import InputDataError, ParameterError, StageError
+from qsmkit.progress import progress
 
 from .components import DipoleOperator, StoppingRule, _deterministic, _tv, working_box
 
@@ -288,7 +289,7 @@ def _fit(prob: _Problem, dev, seed: int, net_cfg: dict, cfg: dict) -> tuple[np.n
         st = _FitState(prob.shape, dev, 1.0 - float(cfg["ema"]),
                        StoppingRule(cfg["min_iterations"], cfg["patience"], cfg["stop_tol"]))
         it = 0
-        for it in range(1, cfg["iterations"] + 1):
+        for it in progress(range(1, cfg["iterations"] + 1), "DIP"):
             x, total_v, data_v = _step(prob, net, z, gen, opt, dev, cfg)
             st.update_average(x, it)
             if it % cfg["check_every"] == 0 or it == cfg["iterations"]:

@@ -1,16 +1,17 @@
-"""Built-in plugin: multi-echo weighted linear fit (``stage: echo_combine, method: weighted_fit``)."""
+"""Built-in plugin: multi-echo field fits (``stage: echo_combine``, methods ``weighted_fit`` and ``nonlinear_fit``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit.params import CPU_DEVICE
-from qsmkit.errors import GeometryError, InputDataError, MissingArtifactError, StageError, UnitsError
+from qsmkit.params import CPU_DEVICE, max_iter, tol
+from qsmkit.errors import GeometryError, InputDataError, MissingArtifactError, StageError
 
+from .nonlinear import NOISE_MODES, linear_start, nonlinear_fit
 from .wls import weighted_fit
 
-__all__ = ["WeightedFit", "weighted_fit"]
+__all__ = ["WeightedFit", "weighted_fit", "NonlinearFit", "nonlinear_fit"]
 
 
 class WeightedFit(Stage):
@@ -41,16 +42,7 @@ class WeightedFit(Stage):
         if phase.ndim != 4:
             raise InputDataError(f"unwrapped_phase must be 4D (x, y, z, echo), got shape {phase.shape}")
         n_e = phase.shape[3]
-        te = np.atleast_1d(np.asarray(ctx["echo_times"], dtype=np.float64))
-        if te.size != n_e:
-            raise InputDataError(f"{te.size} echo times were given for {n_e} echoes; give one echo time per echo")
-        if not np.all(np.isfinite(te)) or np.any(te <= 0):
-            raise UnitsError(f"echo times must be positive seconds, got {te.tolist()}")
-        if np.any(te > 1.0):
-            raise UnitsError(f"echo times {te.tolist()} look like milliseconds; give them in seconds")
-        b0 = float(ctx["field_strength"])
-        if not np.isfinite(b0) or b0 <= 0:
-            raise UnitsError(f"field_strength must be a positive number of tesla, got {b0}")
+        te, b0 = ctx.echo_times(n_e), ctx.field_strength()
         if p.fit_offset and n_e < 2:
             raise StageError("echo_combine/weighted_fit: one echo cannot separate the phase offset from "
                              "the field; set fit_offset: false (assumes phi0 = 0)")
@@ -68,13 +60,7 @@ class WeightedFit(Stage):
             if mag.shape != phase.shape:
                 raise GeometryError(f"magnitude shape {mag.shape} differs from unwrapped_phase {phase.shape}; "
                                     "give magnitude and phase on the same grid and echoes")
-        mask = None
-        if "mask" in ctx:
-            mask = np.asarray(ctx["mask"].data) > 0
-            if mask.shape != phase.shape[:3]:
-                raise GeometryError(f"mask grid {mask.shape} differs from the phase grid {phase.shape[:3]}")
-            if not mask.any():
-                raise StageError("echo_combine/weighted_fit: the mask is empty; check the mask stage or file")
+        mask = ctx.optional_mask(phase.shape[:3])
         res = weighted_fit(phase, mag, te, b0, mask, p.fit_offset, p.weighting, p.correct_wraps)
         sig = f"sigma {res['sigma']:.4g}, " if np.isfinite(res["sigma"]) else ""
         ctx.log(f"fitted {n_e} echoes (TE {te.min() * 1e3:.2f}-{te.max() * 1e3:.2f} ms, {b0:g} T); "
@@ -83,6 +69,68 @@ class WeightedFit(Stage):
                 "noise_weight": up.like(res["noise_weight"], units="1/ppm")}
 
 
+class NonlinearFit(Stage):
+    """Complex nonlinear fit of the multi-echo signal (Liu et al. 2013): field, phi0 and a residual noise map."""
+
+    kind, name = "echo_combine", "nonlinear_fit"
+    reads = ("phase", "magnitude", "unwrapped_phase", "echo_times", "field_strength")
+    optional_reads = ("mask",)
+    writes = ("total_field", "noise_weight", "phase_offset")
+    description = ("complex nonlinear fit |S_e| exp(i(phi0 + omega TE_e)) to the wrapped data (Gauss-Newton / "
+                   "Levenberg-Marquardt from the weighted linear fit); noise weight from the residuals")
+    params = (
+        max_iter(20, range=(0, 500), doc="Levenberg-Marquardt iterations at most (0 = the linear fit)"),
+        tol(1e-5, range=(1e-9, 0.1),
+            doc="rad: a voxel stops when its step changes the model phase by less than this"),
+        Param("noise", str, "voxel", choices=NOISE_MODES,
+              doc="noise level from the residuals: pooled (median over the mask), local (Gaussian average) "
+                  "or voxel (each voxel's residual, floored at a quarter of the pooled level: low weight "
+                  "where the model does not fit)"),
+        Param("noise_sigma_mm", float, 4.0, unit="mm", range=(0.5, 50.0),
+              doc="width of the local average for noise: local"),
+        Param("branch", str, "spatial", choices=("spatial", "start"),
+              doc="spatial: fit from the data's echo-to-echo estimate, alias branch from the unwrapped "
+                  "phase through a spatially unwrapped smooth difference (robust to Laplacian residue); "
+                  "start: fit from the linear fit directly"),
+        CPU_DEVICE,
+    )
+
+    def run(self, ctx, p):
+        pv, mv, uv = ctx["phase"], ctx["magnitude"], ctx["unwrapped_phase"]
+        phase, mag, up = (np.asarray(v.data) for v in (pv, mv, uv))
+        phase, mag, up = (x[..., None] if x.ndim == 3 else x for x in (phase, mag, up))
+        if phase.ndim != 4:
+            raise InputDataError(f"phase must be 4D (x, y, z, echo), got shape {phase.shape}")
+        for name, arr in (("magnitude", mag), ("unwrapped_phase", up)):
+            if arr.shape != phase.shape:
+                raise GeometryError(f"{name} shape {arr.shape} differs from phase {phase.shape}; give them on the "
+                                    f"same grid with the same echoes")
+        n_e = phase.shape[3]
+        te, b0 = ctx.echo_times(n_e), ctx.field_strength()
+        if n_e < 2:
+            raise StageError("echo_combine/nonlinear_fit: one echo cannot separate the phase offset from the field; "
+                             "use weighted_fit with fit_offset: false")
+        if np.ptp(te) <= 0:
+            raise InputDataError("all echo times are equal; the fit needs different echo times")
+        mask = ctx.optional_mask(phase.shape[:3])
+        sel = mag if mask is None else mag[mask]
+        if not np.any(sel > 0):
+            raise InputDataError("echo_combine/nonlinear_fit: the magnitude is zero everywhere"
+                                 + ("" if mask is None else " in the mask") + "; check the magnitude input")
+        start = linear_start(up, mag, te, b0, mask)
+        res = nonlinear_fit(phase, mag, te, b0, start["field"], start["phi0"], mask, p.max_iter, p.tol, p.noise,
+                            p.noise_sigma_mm, pv.voxel_size, p.branch)
+        sig = (f"noise sigma {res['sigma_pooled']:.4g} ({p.noise})" if not res["relative"]
+               else "relative noise weights (no redundant echoes)")
+        ctx.log(f"nonlinear complex fit of {n_e} echoes ({b0:g} T): {res['iterations']} iteration(s), median "
+                f"cost ratio to the linear start {res['cost_ratio']:.3g}, {100 * res['changed']:.2g} % of voxels "
+                f"moved by over half an alias period; {sig}")
+        return {"total_field": pv.like(res["field"], units="ppm"),
+                "noise_weight": pv.like(res["noise_weight"], units="1/ppm"),
+                "phase_offset": pv.like(res["phi0"], units="rad")}
+
+
 @hookimpl
 def qsmkit_register_stages(registry):
     registry.add(WeightedFit)
+    registry.add(NonlinearFit)

@@ -16,8 +16,9 @@ Steps (each optional except the threshold):
 
 On a head image a magnitude threshold gives the head, not the brain: where the skull is dark and
 fully separates the scalp (as in the simulator), the largest component is the intracranial
-cavity; on real data give a brain-extraction (e.g. FSL BET) mask as ``inputs.mask`` instead, or
-peel the scalp with ``erode_mm``.
+cavity; where an opening in the skull joins brain and neck (real heads), it leaks into the neck.
+On real data use ``mask/bet`` (:mod:`.brain`) or ``mask/phase_quality``, give a brain-extraction
+mask as ``inputs.mask``, or peel the scalp with ``erode_mm``.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(np.argmax(sizes))
 
 
-def fill_enclosed_holes(mask: np.ndarray) -> np.ndarray:
+def fill_enclosed_holes(mask: np.ndarray, max_size: int | None = None) -> np.ndarray:
     """Fill enclosed 3D holes: background components that do not touch the grid edge.
 
     Same result as :func:`scipy.ndimage.binary_fill_holes` (6-connected background), computed by
-    labelling the background once, which is several times faster on large volumes.
+    labelling the background once, which is several times faster on large volumes. With
+    ``max_size`` only holes of at most that many voxels are filled.
     """
     m = np.asarray(mask, dtype=bool)
     lab, n = ndimage.label(~m)
@@ -77,6 +79,8 @@ def fill_enclosed_holes(mask: np.ndarray) -> np.ndarray:
         for idx in (0, -1):
             edge[np.unique(np.take(lab, idx, axis=axis))] = True
     edge[0] = True  # label 0 is the mask itself
+    if max_size is not None:
+        edge |= np.bincount(lab.ravel(), minlength=n + 1) > max_size
     return ~edge[lab] | m
 
 

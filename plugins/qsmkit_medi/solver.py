@@ -18,6 +18,7 @@ import scipy.fft as sfft
 
 from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, StageError
+from qsmkit.progress import progress
 from qsmkit.operators import SMV, Diagonal, Dipole, FourierMultiplier, Gradient, Linop, bounding_box, cg
 
 from .masks import gradient_mask
@@ -334,7 +335,7 @@ def _gauss_newton(model: _MediModel, res: MediResult, grid: _WorkGrid, *, max_it
     e0 = model.costs(model.x, model.dx_field)
     res.cost.append(e0[0]), res.data_cost.append(e0[1]), res.reg_cost.append(e0[2])
     prev_dx = None
-    for it in range(1, max_iter + 1):
+    for it in progress(range(1, max_iter + 1), "MEDI Gauss-Newton"):
         t_it = time.perf_counter()
         dx, cgi = _newton_step(model, prev_dx, cg_max_iter, cg_tol)
         ddx = model.ops.dconv(dx).clone()

@@ -1,16 +1,20 @@
-"""Built-in plugin: Laplacian phase unwrapping (``stage: unwrap, method: laplacian``)."""
+"""Built-in plugin: phase unwrapping (``stage: unwrap``, methods ``laplacian`` and ``romeo``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
-from qsmkit.errors import GeometryError, InputDataError, ParameterError, StageError
+from qsmkit.errors import InputDataError, ParameterError
 from qsmkit.params import CPU_DEVICE, ITERATIONS, max_iter, tol
 
 from .laplacian import laplacian_unwrap, phase_laplacian, solve_poisson_neumann
+from .romeo_stage import RomeoUnwrap
+from .romeo import romeo_unwrap, romeo_weights, seed_order, select_seed, voxel_quality
+from .mcpc3ds import MCPC3DS
 
-__all__ = ["LaplacianUnwrap", "laplacian_unwrap", "phase_laplacian", "solve_poisson_neumann"]
+__all__ = ["LaplacianUnwrap", "laplacian_unwrap", "phase_laplacian", "solve_poisson_neumann",
+           "RomeoUnwrap", "romeo_unwrap", "romeo_weights", "seed_order", "select_seed", "voxel_quality"]
 
 
 class LaplacianUnwrap(Stage):
@@ -48,14 +52,7 @@ class LaplacianUnwrap(Stage):
             raise InputDataError(f"phase must be 3D or 4D (x, y, z, echo), got shape {data.shape}")
         if not np.all(np.isfinite(data)):
             raise InputDataError("phase contains NaN or infinite values; fix or mask the input phase")
-        mask = None
-        if p.use_mask and "mask" in ctx:
-            mask = np.asarray(ctx["mask"].data) > 0
-            if mask.shape != data.shape[:3]:
-                raise GeometryError(f"mask grid {mask.shape} differs from the phase grid {data.shape[:3]}; "
-                                    "resample the mask onto the phase grid")
-            if not mask.any():
-                raise StageError("unwrap/laplacian: the mask is empty; check the mask stage or the mask file")
+        mask = ctx.optional_mask(data.shape[:3]) if p.use_mask else None
         if p.snap and mask is not None and p.max_iter == 0:
             raise ParameterError("unwrap/laplacian: snap needs max_iter > 0 when a mask is used (the "
                                  "direct solve leaves a harmonic part that can exceed pi); set max_iter: 30 "
@@ -72,3 +69,5 @@ class LaplacianUnwrap(Stage):
 @hookimpl
 def qsmkit_register_stages(registry):
     registry.add(LaplacianUnwrap)
+    registry.add(RomeoUnwrap)
+    registry.add(MCPC3DS)

@@ -18,27 +18,86 @@ from ..volume import Volume
 from .nifti import load_nifti
 
 
-def convert_phase(vol: Volume, units: str, invert: bool) -> Volume:
-    """Phase data to radians in [-pi, pi), checking that ``rad`` data really are radians."""
+#: vendor integer phase ranges are ``[0, 2^b - 1]`` or ``[-2^b, 2^b - 1]`` for b >= this
+_MIN_SCALED_BITS = 8
+
+
+def _is_integer_valued(data: np.ndarray) -> bool:
+    if np.issubdtype(data.dtype, np.integer):
+        return True
+    sample = data.ravel()[:: max(1, data.size // 1_000_000)]
+    return bool(np.all(np.isfinite(sample)) and np.all(sample == np.round(sample)))
+
+
+def scaled_phase_range(data: np.ndarray) -> tuple[float, float, str]:
+    """The vendor's range ``(low, high)`` of scaled phase data and how it was found.
+
+    Integer-valued data: the smallest ``[0, 2^b - 1]`` (``low >= 0``, e.g. 0..4095 for 12 bits) or
+    ``[-2^b, 2^b - 1]`` (e.g. -4096..4095) that holds the data (b >= 8); ``low`` maps to -pi and
+    ``high + 1`` to +pi (``N = 2^b`` steps of ``2 pi / N``). Other data: their own min and max.
+    The data must reach past half of the vendor's range (a wrapped phase image spans all of it):
+    a signed 13-bit image whose values all lie within -2048..2047 is taken as 12-bit, which the
+    ``warning:`` line stating the range shows.
+    """
+    lo, hi = float(np.min(data)), float(np.max(data))
+    if _is_integer_valued(data):
+        if lo >= 0:
+            b = max(_MIN_SCALED_BITS, int(np.ceil(np.log2(hi + 1.0))) if hi > 0 else _MIN_SCALED_BITS)
+            return 0.0, float(2 ** b - 1), f"integer range 0..{2 ** b - 1} ({b}-bit)"
+        b = max(_MIN_SCALED_BITS, int(np.ceil(np.log2(max(-lo, hi + 1.0)))))
+        return float(-(2 ** b)), float(2 ** b - 1), f"integer range {-(2 ** b)}..{2 ** b - 1} ({b + 1}-bit signed)"
+    return lo, hi, f"data range {lo:g}..{hi:g} (not integers: min and max taken as -pi and pi)"
+
+
+def _not_radians_error(lo: float, hi: float) -> UnitsError:
+    """The one-line error for undeclared phase outside [-pi, pi], naming the likely phase_units."""
+    if lo >= -180.0 * 1.01 and hi <= 360.0 * 1.01 and (hi - lo) <= 360.0 * 1.01:
+        return UnitsError(f"phase: values span [{lo:g}, {hi:g}], which looks like degrees, not radians in "
+                          f"[-pi, pi]; set inputs.phase_units: deg")
+    return UnitsError(f"phase: values span [{lo:g}, {hi:g}], which looks like a vendor's integer scale, not radians "
+                      f"in [-pi, pi]; set inputs.phase_units: scaled (rescaled to [-pi, pi)), or deg for degrees")
+
+
+def convert_phase(vol: Volume, units: str, invert: bool, where: str = "inputs.phase") -> Volume:
+    """Phase data to radians in [-pi, pi), checking that the data fit the declared ``units``.
+
+    ``rad``: values must lie in [-pi, pi] (1 % slack), else a one-line :class:`UnitsError` that
+    says which ``phase_units`` the values look like (``deg`` or ``scaled``). ``deg``: values must
+    lie within [-360, 360]. ``scaled``: rescaled from the vendor's range found by
+    :func:`scaled_phase_range`; the range used is stated in one ``warning:`` line (a
+    :class:`QsmkitWarning`) and kept in ``vol.meta["phase_scaling"]``.
+    """
     data = vol.data
+    lo, hi = float(np.min(data)), float(np.max(data))
     if units == "rad":
-        lo, hi = float(np.min(data)), float(np.max(data))
         if lo < -np.pi * 1.01 or hi > np.pi * 1.01:
-            raise UnitsError(f"phase: values span [{lo:g}, {hi:g}], not radians in [-pi, pi]; set "
-                             f"inputs.phase_units: scaled (vendor integer range, rescaled to [-pi, pi)) or deg")
+            raise _not_radians_error(lo, hi)
     elif units == "deg":
-        data = np.deg2rad(data)
+        if lo < -360.0 * 1.01 or hi > 360.0 * 1.01:
+            raise UnitsError(f"phase: inputs.phase_units is deg but the values span [{lo:g}, {hi:g}], beyond "
+                             f"+-360 degrees; set inputs.phase_units: scaled for vendor integers")
+        data = np.deg2rad(data.astype(np.float64)).astype(np.float32)
     elif units == "scaled":
-        lo, hi = float(np.min(data)), float(np.max(data))
         if hi <= lo:
             raise InputDataError("phase: all values are equal; the phase image holds no phase")
-        data = (data - lo) / (hi - lo) * np.float32(2 * np.pi) - np.float32(np.pi)
+        low, high, how = scaled_phase_range(data)
+        steps = high - low + 1.0 if _is_integer_valued(data) else high - low
+        data = ((data.astype(np.float64) - low) / steps * (2 * np.pi) - np.pi).astype(np.float32)
+        vol.meta["phase_scaling"] = {"low": low, "high": high, "how": how}
+        warnings.warn(f"{where}: phase_units scaled: {how} rescaled to [-pi, pi)", QsmkitWarning, stacklevel=2)
     data = data.astype(np.float32, copy=False)
     if invert:
         data = -data
     vol.data = np.angle(np.exp(1j * data)).astype(np.float32) if units != "rad" or invert else data
     vol.units = "rad"
     return vol
+
+
+def check_magnitude(vol: Volume, where: str) -> None:
+    """Raise :class:`InputDataError` when the magnitude holds no signal (all zero)."""
+    if not np.any(vol.data):
+        raise InputDataError(f"{where}: the magnitude is zero everywhere; check the file (a phase image given as "
+                             f"magnitude, or an empty export)")
 
 
 def check_same_grid(vols: Mapping[str, Volume], where: str = "inputs") -> None:
@@ -101,9 +160,10 @@ def load_acquisition(spec: Mapping[str, Any], where: str, b0_world, common: Mapp
             art[key] = value
     if "phase" in vols:
         vols["phase"] = convert_phase(_as4d(vols["phase"]), common.get("phase_units", "rad"),
-                                      bool(common.get("invert_phase", False)))
+                                      bool(common.get("invert_phase", False)), f"{where}.phase")
     if "magnitude" in vols:
         _as4d(vols["magnitude"])
+        check_magnitude(vols["magnitude"], f"{where}.magnitude")
     check_same_grid(vols, where)
     art.update(vols)
     return art

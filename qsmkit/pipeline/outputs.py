@@ -159,6 +159,10 @@ def check_output_dir(plan) -> FolderState:
 def output_names(plan) -> set[str]:
     """Every file name a run of ``plan`` may write."""
     names = {PROVENANCE, "metrics.json"}
+    if getattr(plan, "qc", False):
+        from ..qc import QC_FILES
+
+        names |= set(QC_FILES)
     for s in plan.steps:
         if s.run:
             names |= {f"{w}{ext}" for w in (*s.cls.writes, *s.cls.optional_writes) for ext in (".nii.gz", ".json")}

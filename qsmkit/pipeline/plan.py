@@ -1,7 +1,8 @@
 """Planning: a pipeline mapping (with prepared inputs) -> a validated :class:`Plan` of :class:`Step`.
 
 Skip rules: a stage whose outputs are all given as inputs is skipped, and so is a stage whose
-outputs no later stage needs. In a run over several acquisitions (``inputs.orientations``), a
+outputs no later stage needs, unless a later stage may use them (an optional read) and the stage
+can run (a mask stage before an unwrapper that reads a mask only when there is one). In a run over several acquisitions (``inputs.orientations``), a
 stage's :attr:`~qsmkit.stage.Stage.scope` decides how it runs: ``"each"`` stages before the first
 ``"joint"`` stage run once per acquisition; a ``"joint"`` stage sees all of them as the
 :data:`~qsmkit.stage.ACQUISITIONS` artifact; every stage after it runs once.
@@ -56,6 +57,8 @@ class Plan:
     overwrite: bool = False
     #: the run's torch device (``auto``, ``cpu``, ``cuda``): stages whose ``device`` is ``auto`` get it
     device: str = "auto"
+    #: draw the QC pictures (:mod:`qsmkit.qc`) into the output folder (pipeline key ``qc``, default true)
+    qc: bool = True
 
     def summary(self) -> list[str]:
         lines = [f"pipeline '{self.name}': {sum(s.run for s in self.steps)} of {len(self.steps)} stages run; "
@@ -113,6 +116,9 @@ def _is_multi(inputs: Mapping[str, Any]) -> bool:
     return "orientations" in inputs or (isinstance(sim, dict) and "orientations" in sim)
 
 
+_UNNEEDED = "later stages do not need its outputs"
+
+
 def mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
     """Decide which stages run (see the module docstring) and check every read is provided."""
     # artifacts some stage transforms in place (reads and writes them): a given one is raw input to
@@ -132,14 +138,30 @@ def mark_skips(steps: list[Step], given: set[str], multi: bool) -> None:
             step.run, step.reason = False, "its outputs are given as inputs"
             continue
         if last_run is not None and not ((writes | set(step.cls.optional_writes)) & needed):
-            step.run, step.reason = False, "later stages do not need its outputs"
+            step.run, step.reason = False, _UNNEEDED
             continue
         last_run = step
         needed -= writes
         needed |= set(step.cls.reads) - final_given
         if step.cls.scope == "joint" and multi:  # made of every per-acquisition stage's outputs
             needed |= {w for s in steps if s.per_orientation for w in (*s.cls.writes, *s.cls.optional_writes)}
+    _run_optional_providers(steps, given)
     _check_reads(steps, given, multi)
+
+
+def _run_optional_providers(steps: list[Step], given: set[str]) -> None:
+    """Run a stage skipped as unneeded when a later running stage reads one of its outputs optionally
+    and everything the stage itself needs is available (a mask stage before an unwrapper that only
+    may use a mask); a stage that cannot run (its inputs are missing) stays skipped."""
+    available = set(given)
+    for i, step in enumerate(steps):
+        if not step.run and step.reason == _UNNEEDED:
+            outs = set(step.cls.writes) | set(step.cls.optional_writes)
+            wanted = any(outs & set(later.cls.optional_reads) for later in steps[i + 1:] if later.run)
+            if wanted and set(step.cls.reads) <= available:
+                step.run, step.reason = True, ""
+        if step.run:
+            available |= set(step.cls.writes)
 
 
 def _check_reads(steps: list[Step], given: set[str], multi: bool) -> None:
@@ -193,9 +215,12 @@ def build_plan(spec: Mapping[str, Any], registry: StageRegistry, source: Path | 
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"pipeline: device = {device!r}; choose auto, cpu or cuda (a stage's own device "
                           f"parameter overrides it)")
+    qc = spec.get("qc", True)
+    if not isinstance(qc, bool):
+        raise ConfigError(f"pipeline: qc = {qc!r}; give true (draw the QC pictures, the default) or false")
     plan = Plan(str(name or (source.stem if source else "pipeline"))[:200], source, prepared.values, steps,
                 out_path, given_artifacts(prepared.values), list(overrides), multi, prepared.notes, overwrite,
-                device)
+                device, qc=qc)
     check_output_dir(plan)
     return plan
 

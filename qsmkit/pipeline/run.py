@@ -45,6 +45,9 @@ def load_inputs(plan: Plan) -> tuple[dict, list[dict] | None, dict]:
         art = dict(per[0])
     else:
         art = load_acquisition(inputs, "inputs", b0_world, inputs)
+    if "simulate" not in inputs:  # fields given as files: in ppm, or converted from inputs.field_units
+        from ..io.units import apply_field_units
+        apply_field_units(art, inputs)
     truth = art.pop("truth", None) or {}
     for a in per or []:
         a.pop("truth", None)
@@ -71,6 +74,24 @@ def _json_ready(value: Any) -> bool:
         return False
 
 
+def _qc_pictures(art: dict, stage, title: str, produced: set[str]) -> list[str]:
+    """Draw the QC PNGs (:mod:`qsmkit.qc`) into the staging folder; a drawing failure costs the
+    pictures (one warning line), never the run's outputs."""
+    import warnings
+
+    from ..errors import QsmkitWarning
+    from ..qc import QC_FILES, write_qc
+
+    try:
+        return write_qc(art, stage, title=title, produced=produced)
+    except Exception as exc:  # matplotlib trouble (fonts, a broken install) must not lose the results
+        for name in QC_FILES:
+            (stage / name).unlink(missing_ok=True)
+        warnings.warn(f"QC pictures not drawn ({type(exc).__name__}: {exc}); the run's outputs are complete",
+                      QsmkitWarning, stacklevel=2)
+        return []
+
+
 def _stage_files(folder: OutputFolder, art: dict, produced: set[str], metrics: dict, record: dict,
                  t_all: float) -> list[str]:
     """Write the outputs into the staging folder; returns their names (``provenance.json`` last)."""
@@ -86,6 +107,8 @@ def _stage_files(folder: OutputFolder, art: dict, produced: set[str], metrics: d
         elif isinstance(value, (dict, list)) and _json_ready(value):  # e.g. registration transforms
             write_json(value, stage / f"{name}.json")
             names.append(f"{name}.json")
+    if getattr(folder.plan, "qc", False):  # the QC pictures go through the same staging and commit
+        names += _qc_pictures(art, stage, folder.plan.name, produced)
     if metrics:
         write_json(metrics, stage / "metrics.json")
         names.append("metrics.json")
@@ -117,8 +140,12 @@ def resolve_run_device(plan: Plan, log: Callable[[str], None]) -> str | None:
 
 
 def run_plan(plan: Plan, registry: StageRegistry | None = None, log: Callable[[str], None] = _log_default,
-             write: bool = True) -> RunResult:
-    """Run a validated plan: load inputs, run stages, then write outputs atomically (if ``write``)."""
+             write: bool = True, keep: frozenset[str] | set[str] = frozenset()) -> RunResult:
+    """Run a validated plan: load inputs, run stages, then write outputs atomically (if ``write``).
+
+    ``keep`` names input artifacts written with the outputs as if a stage had produced them (a cohort
+    resume gives the cached outputs of unchanged stages as inputs; see :mod:`qsmkit.pipeline.cohort`).
+    """
     started = _dt.datetime.now(_dt.timezone.utc)
     t_all = time.perf_counter()
     folder_cm = OutputFolder(plan) if write else contextlib.nullcontext()
@@ -140,7 +167,7 @@ def run_plan(plan: Plan, registry: StageRegistry | None = None, log: Callable[[s
         record["device"] = device
         files: list = []
         if write:
-            names = _stage_files(folder, res.artifacts, res.produced, metrics, record, t_all)
+            names = _stage_files(folder, res.artifacts, res.produced | set(keep), metrics, record, t_all)
             files = folder.commit(names)
             log(f"wrote {len(files)} files to {plan.output_dir}")
     return RunResult(res.artifacts, files, record, metrics)

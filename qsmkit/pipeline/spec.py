@@ -22,7 +22,7 @@ MAX_BYTES = 1 << 20
 #: largest number of YAML nodes a document may expand to once aliases are followed
 MAX_NODES = 100_000
 
-TOP_KEYS = ("name", "description", "inputs", "stages", "output_dir", "device")
+TOP_KEYS = ("name", "description", "inputs", "stages", "output_dir", "device", "qc")
 STAGE_KEYS = ("stage", "method", "params")
 
 

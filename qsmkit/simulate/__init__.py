@@ -24,6 +24,12 @@ Forward model
   the subarachnoid CSF; its border lies in CSF about 1 mm inside the skull.
 * Complex Gaussian noise of standard deviation ``sigma`` per real/imaginary channel with
   ``sigma = mean(|S(TE1)| in mask) / snr``.
+* Options for the front end (issue 11): ``phase_offset`` ("smooth" default, "coil": a
+  coil-combined-like phi0 that wraps across the head, "none"), ``bipolar`` (rad: the even echoes
+  get ``bipolar * (1 + xi)``, ``xi`` the readout position along voxel axis 0 as a fraction of
+  the FOV; in ``meta["bipolar_phase"]``) and ``haemorrhage`` (a ~9 mm haematoma in deep white
+  matter, label ``haemorrhage``, chi +1 ppm, T2* 5 ms at 3 T). The defaults reproduce the plain
+  phantom bit for bit.
 
 Default grid: (112, 128, 96) at 1.5 mm (168 x 192 x 144 mm FOV, 5 echoes 4-20 ms, 3 T, SNR 100),
 about 4-5 s of CPU. A life-size 180 x 216 x 180 grid at 1 mm with ``oversample=2`` peaks at
@@ -45,9 +51,9 @@ The package, read in the order the data flows:
 from __future__ import annotations
 
 from .acquisition import DEFAULT_ECHO_TIMES, DEFAULT_SHAPE, DEFAULT_VOXEL_SIZE, rotation_matrix
-from .head import BRAIN_LABELS, CHI_AIR, LABELS, TISSUES
+from .head import BRAIN_LABELS, CHI_AIR, HAEMATOMA_TISSUE, LABELS, PHASE_OFFSETS, TISSUES
 from .phantom import PHANTOM_FILES, Phantom, simulate_orientations, simulate_phantom
 
 __all__ = ["LABELS", "TISSUES", "BRAIN_LABELS", "CHI_AIR", "Phantom", "simulate_phantom",
            "simulate_orientations", "rotation_matrix", "DEFAULT_SHAPE", "DEFAULT_VOXEL_SIZE",
-           "DEFAULT_ECHO_TIMES", "PHANTOM_FILES"]
+           "DEFAULT_ECHO_TIMES", "PHANTOM_FILES", "HAEMATOMA_TISSUE", "PHASE_OFFSETS"]

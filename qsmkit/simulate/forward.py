@@ -17,7 +17,7 @@ from ..errors import ParameterError
 from ..operators import Dipole
 from ..physics import GAMMA_BAR
 from .acquisition import _Acquisition
-from .head import _MASK_BIT, CHI_AIR, LABELS, TISSUES, _Head
+from .head import _MASK_BIT, CHI_AIR, HAEMATOMA_TISSUE, LABELS, TISSUES, _Head
 
 
 def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
@@ -43,10 +43,15 @@ def _field_from_chi(chi_fine: np.ndarray, dipole: Dipole) -> np.ndarray:
     return dipole.apply(chi_fine)
 
 
-def _tissue_tables(chi_overrides, field_strength):
+def _tissue_tables(chi_overrides, field_strength, haemorrhage: bool = False):
     """``(tissues, chi_lut, m0_lut, r2_lut, in_brain)``: per-tissue values with the overrides, and
-    look-up tables over the internal label code (label | ``_MASK_BIT`` inside the brain mask)."""
+    look-up tables over the internal label code (label | ``_MASK_BIT`` inside the brain mask).
+
+    With ``haemorrhage`` the ``haemorrhage`` tissue takes :data:`~.head.HAEMATOMA_TISSUE` (before
+    ``chi_overrides``, which still win)."""
     tissues = dict(TISSUES)
+    if haemorrhage:
+        tissues["haemorrhage"] = HAEMATOMA_TISSUE
     for name, val in (chi_overrides or {}).items():
         if name not in tissues:
             raise ParameterError(f"simulate: unknown tissue {name!r} in chi_overrides; known: {', '.join(tissues)}")
@@ -165,6 +170,26 @@ def _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, te, field_strength, shape
                 z = _cis(fld * np.float32(omega * t) + p0)
             sig[a // os_:b // os_, :, :, e] = _block_mean(amp_luts[e][lab] * z, os_)
     return sig
+
+
+def bipolar_phase(shape, bipolar: float) -> np.ndarray:
+    """Phase (rad, float32, shape ``(N0, 1, 1)``) that a bipolar readout adds to the even echoes.
+
+    ``delta(i) = bipolar * (1 + xi_i)`` with ``xi_i = (i - (N0 - 1) / 2) / N0`` the readout
+    position (first voxel axis, ``i`` its index) as a fraction of the FOV, in [-0.5, 0.5): a
+    constant ``bipolar`` plus a linear ramp of ``bipolar`` rad across the readout FOV (gradient
+    delays shift the echo in k-space, which is a linear phase along readout in the image).
+    """
+    n0 = int(shape[0])
+    xi = (np.arange(n0, dtype=np.float64) - (n0 - 1) / 2.0) / n0
+    return (float(bipolar) * (1.0 + xi)).astype(np.float32).reshape(n0, 1, 1)
+
+
+def _apply_bipolar(sig: np.ndarray, delta: np.ndarray) -> None:
+    """Multiply the even echoes (2nd, 4th, ...: 0-based index 1, 3, ...) by ``exp(i delta)`` in place."""
+    rot = _cis(np.broadcast_to(delta, sig.shape[:3]).astype(np.float32))
+    for e in range(1, sig.shape[-1], 2):
+        sig[..., e] *= rot
 
 
 def _output_labels(sample: _Sampler, shape, chunk_voxels: int, in_brain):

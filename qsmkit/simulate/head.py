@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LABELS", "TISSUES", "BRAIN_LABELS", "CHI_AIR"]
+__all__ = ["LABELS", "TISSUES", "BRAIN_LABELS", "CHI_AIR", "HAEMATOMA_TISSUE", "PHASE_OFFSETS"]
 
 #: label value -> tissue name
 LABELS: dict[int, str] = {
@@ -63,6 +63,13 @@ TISSUES: dict[str, tuple[float, float, float]] = {
 }
 
 
+#: tissue values of label ``haemorrhage`` with ``simulate_phantom(haemorrhage=True)``: an acute /
+#: early subacute haematoma (deoxyhaemoglobin), chi +1.0 ppm rel. CSF, T2* 5 ms at 3 T
+HAEMATOMA_TISSUE: tuple[float, float, float] = (1.0, 0.45, 5.0)
+
+#: the phase-offset models :meth:`_Head.phi0` knows (``simulate_phantom(phase_offset=...)``)
+PHASE_OFFSETS: tuple[str, ...] = ("smooth", "coil", "none")
+
 # Structures in normalised head coordinates u (head surface = unit sphere; x left-right,
 # y posterior->anterior, z inferior->superior). Ellipsoids: (label, centre, semi-axes).
 _BRAIN_C = np.array([0.0, 0.0, 0.12])
@@ -101,6 +108,19 @@ _DEEP = (
     + [(_ID["calcification"], (-0.22, -0.42, 0.33), (0.022, 0.022, 0.022))]
 )
 _DEEP_BOX = (np.array([-0.50, -0.55, -0.30]), np.array([0.50, 0.45, 0.45]))
+
+# haematoma (``haemorrhage=True``): a ball in the deep white matter of the left centrum
+# semiovale, above the putamen and lateral to the caudate body and the ventricles, with a radius
+# of _HAEMATOMA_RADIUS times the mean head semi-axis (9 mm on the default grid's 70 mm head)
+_HAEMATOMA_C = (-0.34, 0.10, 0.38)
+_HAEMATOMA_RADIUS = 0.13
+
+# "coil" phase offset: linear ramp plus Gaussian bumps centred just outside the head, one per
+# virtual receive element: (centre in u, amplitude rad); bump width _COIL_WIDTH (u units)
+_COIL_RAMP = (0.6, 1.8, -1.2, 0.9)          # constant, d/dx, d/dy, d/dz (rad per u)
+_COILS = [((1.25, 0.30, 0.10), 3.5), ((-1.20, -0.20, 0.30), -3.0), ((0.20, 1.25, -0.10), 2.8),
+          ((-0.30, -1.20, 0.20), -2.5), ((0.10, 0.20, 1.25), 2.2), ((0.60, -0.70, -0.80), -2.0)]
+_COIL_WIDTH = 0.55
 
 # veins: (chi, relative radius (x mean head radius), polyline points in u)
 _VEINS = [
@@ -170,8 +190,11 @@ def _seg_dist2(px, py, pz, a, b):
 class _Head:
     """Implicit head model: maps head-frame coordinates (u units) to labels and phase offset."""
 
-    def __init__(self, semi_axes_mm: np.ndarray, anatomy: _Anatomy, min_vein_radius_mm: float):
+    def __init__(self, semi_axes_mm: np.ndarray, anatomy: _Anatomy, min_vein_radius_mm: float,
+                 phase_offset: str = "smooth", haematoma: bool = False):
         self.S = np.asarray(semi_axes_mm, dtype=np.float64)          # head semi-axes, mm
+        self.phase_offset = phase_offset
+        self.haematoma = bool(haematoma)
         self.s_mean = float(np.exp(np.mean(np.log(self.S))))
         self.iso = (self.S / self.s_mean).astype(np.float32)       # u -> isotropic units
         self.anat = anatomy
@@ -183,6 +206,9 @@ class _Head:
             lo = (p_mm.min(0) - r_mm) / self.S
             hi = (p_mm.max(0) + r_mm) / self.S
             self.veins.append((chi, r_mm, p_mm.astype(np.float32), lo, hi))
+        #: haematoma radius (mm) and its semi-axes in u units (a ball in mm)
+        self.haematoma_radius_mm = _HAEMATOMA_RADIUS * self.s_mean
+        self.haematoma_semi_axes = tuple(float(self.haematoma_radius_mm / s) for s in self.S)
 
     # ------------------------------------------------------------------ labels
     def labels(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -193,7 +219,7 @@ class _Head:
         half of the subarachnoid CSF, so that its border lies in CSF about 1 mm from the skull.
         Built in layers, each step overwriting the previous one where it applies: scalp, skull,
         sinuses and CSF cavity; brain tissue (cortex, white matter, sulci, fissure); deep grey
-        matter; veins; the mask bit.
+        matter; veins; the haematoma (``haematoma=True`` only); the mask bit.
         """
         lab = np.zeros(x.shape, np.uint8)
         r2 = x * x + y * y + z * z
@@ -207,6 +233,8 @@ class _Head:
         self._brain_tissue(x, y, z, sub)
         self._deep_structures(x, y, z, sub)
         self._veins(x, y, z, sub, cav)
+        if self.haematoma:
+            sub[_ellipsoid(x, y, z, _HAEMATOMA_C, self.haematoma_semi_axes)] = _ID["haemorrhage"]
         inmask = np.nonzero(cav)[0]
         inmask = inmask[_ellipsoid(x[inmask], y[inmask], z[inmask], _BRAIN_C, _BRAIN_S + _MASK_MARGIN)]
         sub[inmask] |= _MASK_BIT
@@ -320,7 +348,29 @@ class _Head:
         return g
 
     # ------------------------------------------------------------------ phase offset
-    @staticmethod
-    def phi0(x, y, z) -> np.ndarray:
-        """Smooth receive/transmit phase offset (rad), head frame."""
+    def phi0(self, x, y, z) -> np.ndarray:
+        """Receive/transmit phase offset phi0 (rad, float32, not wrapped) at head-frame points (u units).
+
+        ``phase_offset`` of the head selects the model:
+
+        * ``"smooth"``: ``0.6 + 0.7 x - 0.4 y + 0.5 z + 0.4 (x^2 - z^2) + 0.3 x y`` (about 2 rad
+          of variation over the head; no wrap in the brain);
+        * ``"coil"``: a coil-combined-like offset, ``0.6 + 1.8 x - 1.2 y + 0.9 z +
+          sum_c a_c exp(-|u - p_c|^2 / (2 w^2))`` with six virtual receive elements ``p_c`` just
+          outside the head (amplitudes -3.0 .. +3.5 rad, ``w = 0.55``): about 7.5 rad of smooth
+          variation across the brain (9 rad across the head), so ``exp(i phi0)`` wraps (as the
+          phase of a 32-channel adaptive combination without a reference does); at most
+          ~0.1 rad/mm;
+        * ``"none"``: zero.
+        """
+        if self.phase_offset == "none":
+            return np.zeros(np.shape(x), np.float32)
+        if self.phase_offset == "coil":
+            c0, cx, cy, cz = (np.float32(v) for v in _COIL_RAMP)
+            out = c0 + cx * x + cy * y + cz * z
+            g = np.float32(-0.5 / _COIL_WIDTH ** 2)
+            for (px, py, pz), amp in _COILS:
+                d2 = (x - np.float32(px)) ** 2 + (y - np.float32(py)) ** 2 + (z - np.float32(pz)) ** 2
+                out += np.float32(amp) * np.exp(g * d2)
+            return out.astype(np.float32, copy=False)
         return (0.6 + 0.7 * x - 0.4 * y + 0.5 * z + 0.4 * (x * x - z * z) + 0.3 * x * y).astype(np.float32)

@@ -16,8 +16,9 @@ import numpy as np
 from ..errors import ParameterError
 from ..volume import Volume
 from .acquisition import DEFAULT_ECHO_TIMES, DEFAULT_SHAPE, DEFAULT_VOXEL_SIZE, _Acquisition, _acquisition
-from .forward import _add_noise, _fields, _fine_grid, _output_labels, _Sampler, _signal, _tissue_tables
-from .head import LABELS, TISSUES, _Head, _make_anatomy
+from .forward import (_add_noise, _apply_bipolar, _fields, _fine_grid, _output_labels, _Sampler, _signal,
+                      _tissue_tables, bipolar_phase)
+from .head import _ID, LABELS, PHASE_OFFSETS, TISSUES, _HAEMATOMA_C, _Head, _make_anatomy
 
 __all__ = ["PHANTOM_FILES", "Phantom", "simulate_phantom", "simulate_orientations"]
 
@@ -48,9 +49,13 @@ class Phantom:
     rotation : numpy.ndarray
         3x3 head rotation applied in the world (scanner) frame about ``meta["rotation_center_mm"]``.
     meta : dict
-        Options and derived quantities (b0 direction, noise sigma, head semi-axes, timings).
+        Options and derived quantities (b0 direction, noise sigma, head semi-axes, timings);
+        with ``bipolar != 0`` also ``meta["bipolar"]`` (a JSON-friendly description) and
+        ``meta["bipolar_phase"]`` (float32 ``(N0, 1, 1)``, rad: the phase added to the even
+        echoes); with ``haemorrhage=True`` ``meta["haemorrhage"]`` (label, centre, radius).
     phase_offset : Volume or None
-        The true phase offset phi0 (rad), block-averaged to the output grid.
+        The true phase offset phi0 (rad, not wrapped), block-averaged to the output grid: the
+        offset of the odd echoes (a bipolar term is in ``meta``, not here).
     """
 
     magnitude: Volume
@@ -113,7 +118,8 @@ class Phantom:
 
 
 def _metadata(acq: _Acquisition, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
-              chi_overrides, tissues, sigma, pshape, timing) -> dict:
+              chi_overrides, tissues, sigma, pshape, timing, phase_offset="smooth", bipolar=0.0,
+              haemorrhage=False) -> dict:
     """The phantom's ``meta`` dict: the options used (JSON-friendly), noise level and timing."""
     te, b0w = acq.te, acq.b0w
     options = {"shape": list(acq.shape), "voxel_size": [float(v) for v in acq.vs], "echo_times": te.tolist(),
@@ -121,11 +127,27 @@ def _metadata(acq: _Acquisition, field_strength, affine, rotation_deg, seed, pad
                "affine_given": affine is not None, "rotation_deg": [float(r) for r in rotation_deg],
                "snr": acq.snr, "seed": int(seed), "oversample": acq.os_, "padding": float(padding),
                "anatomy_seed": int(anatomy_seed), "fov_fraction": float(fov_fraction),
-               "head_semi_axes_mm": [float(s) for s in acq.S], "chi_overrides": dict(chi_overrides or {})}
+               "head_semi_axes_mm": [float(s) for s in acq.S], "chi_overrides": dict(chi_overrides or {}),
+               "phase_offset": phase_offset, "bipolar": float(bipolar), "haemorrhage": bool(haemorrhage)}
     return {"source": "qsmkit.simulate", "echo_times": te.tolist(), "field_strength": float(field_strength),
             "b0_direction_world": b0w.tolist(), "rotation_deg": [float(r) for r in rotation_deg],
             "rotation_center_mm": acq.center.tolist(), "noise_sigma": sigma, "padded_fine_shape": list(pshape),
             "options": options, "tissues": tissues, "timing_s": timing}
+
+
+def _check_contrast_options(phase_offset, bipolar, haemorrhage) -> tuple[str, float, bool]:
+    """Check ``phase_offset``, ``bipolar`` and ``haemorrhage`` of :func:`simulate_phantom`."""
+    if phase_offset not in PHASE_OFFSETS:
+        raise ParameterError(f"simulate: phase_offset must be one of {', '.join(PHASE_OFFSETS)}, got {phase_offset!r}")
+    try:
+        b = float(bipolar)
+    except (TypeError, ValueError):
+        raise ParameterError(f"simulate: bipolar must be a phase in rad (a number), got {bipolar!r}") from None
+    if not np.isfinite(b) or abs(b) > 2 * np.pi:
+        raise ParameterError(f"simulate: bipolar must be a phase in rad between -2 pi and 2 pi, got {bipolar!r}")
+    if not isinstance(haemorrhage, (bool, np.bool_)):
+        raise ParameterError(f"simulate: haemorrhage must be true or false, got {haemorrhage!r}")
+    return str(phase_offset), b, bool(haemorrhage)
 
 
 # ============================================================================ main
@@ -145,6 +167,9 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
                      fov_fraction: float = 0.84,
                      head_semi_axes_mm: Sequence[float] | None = None,
                      chi_overrides: Mapping[str, float] | None = None,
+                     phase_offset: str = "smooth",
+                     bipolar: float = 0.0,
+                     haemorrhage: bool = False,
                      chunk_voxels: int = 4_000_000,
                      verbose: bool = False,
                      **kw: Any) -> Phantom:
@@ -185,6 +210,25 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
         Head semi-axes (mm, head frame x, y, z) instead of ``fov_fraction``.
     chi_overrides : mapping, optional
         ``{tissue name: chi in ppm}`` to change :data:`TISSUES` values.
+    phase_offset : {"smooth", "coil", "none"}
+        Model of the phase offset phi0 (see :meth:`~qsmkit.simulate.head._Head.phi0`):
+        ``"smooth"`` (default) about 2 rad of smooth variation that does not wrap in the brain;
+        ``"coil"`` a coil-combined-like offset with about 7.5 rad of variation across the brain,
+        so that it wraps (for testing MCPC-3D-S); ``"none"`` zero.
+    bipolar : float
+        Bipolar-readout phase (rad): the even echoes (2nd, 4th, ...) get the extra phase
+        ``bipolar * (1 + xi)``, ``xi = (i - (N0 - 1)/2) / N0`` the position along the readout
+        (first voxel) axis as a fraction of the FOV, i.e. a constant ``bipolar`` plus a linear
+        ramp of ``bipolar`` rad across the FOV; applied to the output-grid signal before the
+        noise. The odd echoes and :attr:`Phantom.phase_offset` are unchanged; the term is in
+        ``meta["bipolar_phase"]``. Default 0 (monopolar).
+    haemorrhage : bool
+        Add a haematoma: a ball of radius 0.13 x the mean head semi-axis (9 mm on the default
+        grid) in the deep white matter of the left centrum semiovale, label ``haemorrhage``
+        (inside the brain mask). The ``haemorrhage`` tissue then takes
+        :data:`~qsmkit.simulate.head.HAEMATOMA_TISSUE`: chi +1.0 ppm rel. CSF, T2* 5 ms at 3 T
+        (dark magnitude, unreliable late-echo phase); this applies also to the small lesion that
+        every phantom has. Position and radius are in ``meta["haemorrhage"]``.
     chunk_voxels : int
         Fine-grid points processed at once (memory control).
     verbose : bool
@@ -205,9 +249,11 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
         raise ParameterError(f"simulate: unknown option(s) {', '.join(sorted(kw))}; valid options: {', '.join(valid)}")
     acq = _acquisition(shape, voxel_size, echo_times, field_strength, b0_direction, affine, rotation_deg, snr,
                        oversample, padding, fov_fraction, head_semi_axes_mm)
+    phase_offset, bipolar, haemorrhage = _check_contrast_options(phase_offset, bipolar, haemorrhage)
     shape, os_ = acq.shape, acq.os_
-    head = _Head(acq.S, _make_anatomy(anatomy_seed), min_vein_radius_mm=0.6 * float(acq.vs.max()))
-    tissues, chi_lut, m0_lut, r2_lut, in_brain = _tissue_tables(chi_overrides, field_strength)
+    head = _Head(acq.S, _make_anatomy(anatomy_seed), min_vein_radius_mm=0.6 * float(acq.vs.max()),
+                 phase_offset=phase_offset, haematoma=haemorrhage)
+    tissues, chi_lut, m0_lut, r2_lut, in_brain = _tissue_tables(chi_overrides, field_strength, haemorrhage)
     sample = _Sampler(head, acq)
 
     labels_f, phi0_f, step = _fine_grid(sample, shape, os_, chunk_voxels)
@@ -217,6 +263,9 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
     t_field = time.perf_counter()
     sig = _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, acq.te, field_strength, shape, os_, step)
     del total_f, phi0_f, labels_f
+    delta = bipolar_phase(shape, bipolar) if bipolar != 0.0 else None
+    if delta is not None:
+        _apply_bipolar(sig, delta)
     t_sig = time.perf_counter()
     labels_out, mask = _output_labels(sample, shape, chunk_voxels, in_brain)
     chi_truth *= mask
@@ -226,8 +275,20 @@ def simulate_phantom(shape: Sequence[int] = DEFAULT_SHAPE,
     timing = {"geometry": t_geom - t_start, "fields": t_field - t_geom, "signal": t_sig - t_field,
               "total": time.perf_counter() - t_start}
     meta = _metadata(acq, field_strength, affine, rotation_deg, seed, padding, anatomy_seed, fov_fraction,
-                     chi_overrides, tissues, sigma, pshape, timing)
+                     chi_overrides, tissues, sigma, pshape, timing, phase_offset, bipolar, haemorrhage)
     te = acq.te
+    if delta is not None:
+        meta["bipolar"] = {"rad": bipolar, "readout_axis": 0,
+                           "even_echoes": list(range(2, te.size + 1, 2)),
+                           "definition": "even echoes (2nd, 4th, ...) get + bipolar * (1 + (i - (N0 - 1) / 2) / N0), "
+                                         "i the index along voxel axis 0"}
+        meta["bipolar_phase"] = delta
+    if haemorrhage:
+        meta["haemorrhage"] = {"label": _ID["haemorrhage"], "centre_u": list(_HAEMATOMA_C),
+                               "centre_mm_head_frame": [float(c * s) for c, s in zip(_HAEMATOMA_C, acq.S)],
+                               "radius_mm": float(head.haematoma_radius_mm),
+                               "chi_ppm": float(tissues["haemorrhage"][0]),
+                               "t2star_ms_3T": float(tissues["haemorrhage"][2])}
 
     def vol(data, units, **m):
         return Volume(data, acq.A, units=units, b0_direction=acq.b_vox, meta={"simulated": True, **m})

@@ -41,6 +41,11 @@ def test_fill_enclosed_holes_matches_scipy_and_fills_a_shell():
         assert np.array_equal(fill_enclosed_holes(m), ndimage.binary_fill_holes(m))
     shell = _ball((32,) * 3, (16,) * 3, 10) & ~_ball((32,) * 3, (16,) * 3, 6)
     assert np.array_equal(fill_enclosed_holes(shell), _ball((32,) * 3, (16,) * 3, 10))
+    # max_size: only holes of at most that many voxels are filled
+    two = shell | _ball((32,) * 3, (16,) * 3, 2)  # a small ball inside the shell: one hole, 2 < r <= 6
+    inner_hole = _ball((32,) * 3, (16,) * 3, 6) & ~_ball((32,) * 3, (16,) * 3, 2)
+    assert np.array_equal(fill_enclosed_holes(two, max_size=int(inner_hole.sum()) - 1), two)
+    assert np.array_equal(fill_enclosed_holes(two, max_size=int(inner_hole.sum())), _ball((32,) * 3, (16,) * 3, 10))
     # a cavity open to the grid edge is not a hole
     cup = shell.copy()
     cup[16:, 14:18, 14:18] = False
