@@ -289,7 +289,6 @@ def evaluate(truth: Path, estimate: Path, mask: Path, labels: Path | None, as_js
             click.echo(f"{key:>20s}  {value}")
 
 
-
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path),
@@ -306,6 +305,7 @@ def report(folder: Path, labels: Path | None, output: Path | None, overwrite: bo
     for line in describe(runs):
         click.echo(line, err=True)
     click.echo(f"report: {path}")
+
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """qsmkit's own warnings as one ``warning: ...`` line on stderr; others as Python shows them."""
