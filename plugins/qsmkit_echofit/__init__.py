@@ -74,7 +74,9 @@ class NonlinearFit(Stage):
 
     kind, name = "echo_combine", "nonlinear_fit"
     reads = ("phase", "magnitude", "unwrapped_phase", "echo_times", "field_strength")
-    optional_reads = ("mask",)
+    #: ``phase_offset``: the offset an earlier stage (phase_offset/mcpc3ds) removed from ``phase``;
+    #: the fitted offset is added to it, so ``phase_offset`` stays the offset of the measured data
+    optional_reads = ("mask", "phase_offset")
     writes = ("total_field", "noise_weight", "phase_offset")
     description = ("complex nonlinear fit |S_e| exp(i(phi0 + omega TE_e)) to the wrapped data (Gauss-Newton / "
                    "Levenberg-Marquardt from the weighted linear fit); noise weight from the residuals")
@@ -125,9 +127,16 @@ class NonlinearFit(Stage):
         ctx.log(f"nonlinear complex fit of {n_e} echoes ({b0:g} T): {res['iterations']} iteration(s), median "
                 f"cost ratio to the linear start {res['cost_ratio']:.3g}, {100 * res['changed']:.2g} % of voxels "
                 f"moved by over half an alias period; {sig}")
+        phi0 = res["phi0"]
+        if "phase_offset" in ctx:  # removed before the fit (MCPC-3D-S): report the data's whole offset
+            removed = np.asarray(ctx["phase_offset"].data, np.float32)
+            if removed.shape != phi0.shape:
+                raise GeometryError(f"phase_offset grid {removed.shape} differs from the phase grid {phi0.shape}")
+            phi0 = np.angle(np.exp(1j * (removed + phi0))).astype(np.float32)
+            ctx.log("phase_offset: the fitted residual offset added to the one removed earlier")
         return {"total_field": pv.like(res["field"], units="ppm"),
                 "noise_weight": pv.like(res["noise_weight"], units="1/ppm"),
-                "phase_offset": pv.like(res["phi0"], units="rad")}
+                "phase_offset": pv.like(phi0, units="rad")}
 
 
 @hookimpl
