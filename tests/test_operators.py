@@ -260,3 +260,19 @@ def test_power_iteration_against_eigvalsh():
     d = ops.Dipole((8, 8, 8), (1, 1, 1), (0, 0, 1), padding=1.0)
     lam3, _ = ops.power_iteration(d, max_iter=300, tol=1e-8)
     assert lam3 <= float((d.kernel ** 2).max()) * (1 + 1e-5) and lam3 > 0.9 * float((d.kernel ** 2).max())
+
+
+def test_gauss_newton_helpers():
+    """line_warm_start: the exact minimiser along a direction; backtrack: halves until the cost drops."""
+    from qsmkit.operators import backtrack, line_warm_start
+
+    A = ops.Diagonal(np.array([1.0, 4.0]))
+    b = np.array([2.0, 4.0])
+    x0, r0 = line_warm_start(A, b, np.array([1.0, 1.0]))
+    assert np.allclose(x0, [1.2, 1.2]) and np.allclose(r0, b - A.apply(x0))   # (b.d)/(d.Ad) = 6/5
+    assert line_warm_start(A, b, None) == (None, None)
+    assert line_warm_start(ops.Diagonal(np.array([-1.0, -1.0])), b, np.ones(2)) == (None, None)
+    f = lambda s: ((s - 0.3) ** 2,)  # noqa: E731
+    assert backtrack(f, 0.1) == (0.5, f(0.5))            # 1 gives 0.49 > 0.1, 0.5 gives 0.04
+    assert backtrack(f, 0.01) == (0.25, f(0.25))
+    assert backtrack(f, -1.0) == (0.0, None)

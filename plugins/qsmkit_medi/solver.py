@@ -19,7 +19,8 @@ import scipy.fft as sfft
 from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, StageError
 from qsmkit.progress import progress
-from qsmkit.operators import SMV, Diagonal, Dipole, FourierMultiplier, Gradient, Linop, bounding_box, cg
+from qsmkit.operators import (SMV, Diagonal, Dipole, FourierMultiplier, Gradient, Linop, backtrack, bounding_box,
+                              cg, line_warm_start)
 
 from .masks import gradient_mask
 
@@ -339,13 +340,8 @@ def _gauss_newton(model: _MediModel, res: MediResult, grid: _WorkGrid, *, max_it
         t_it = time.perf_counter()
         dx, cgi = _newton_step(model, prev_dx, cg_max_iter, cg_tol)
         ddx = model.ops.dconv(dx).clone()
-        step, e_old, accepted = 1.0, res.cost[-1], None
-        for _ in range(8):
-            e_new = model.costs(model.x + step * dx, model.dx_field + step * ddx)
-            if e_new[0] <= e_old:
-                accepted = e_new
-                break
-            step *= 0.5
+        step, accepted = backtrack(lambda s, dx=dx, ddx=ddx: model.costs(model.x + s * dx, model.dx_field + s * ddx),
+                                   res.cost[-1])
         if accepted is None:
             say(f"GN {it}: no decrease along the Gauss-Newton direction; stopping")
             res.converged = True
@@ -383,13 +379,6 @@ def _newton_step(model: _MediModel, prev_dx, cg_max_iter: int, cg_tol: float):
     system = MediSystem(model, wgt)
     rhs = b.neg()
     del b
-    x0 = r0 = None
-    if prev_dx is not None:
-        ad = system.apply(prev_dx)
-        dad = float(prev_dx.reshape(-1).dot(ad.reshape(-1)))
-        if dad > 0:
-            c = float(rhs.reshape(-1).dot(prev_dx.reshape(-1))) / dad
-            x0 = prev_dx * c
-            r0 = rhs.clone().add_(ad, alpha=-c)
+    x0, r0 = line_warm_start(system, rhs, prev_dx)
     dx, info = cg(system, rhs, x0, M=Diagonal(minv), tol=cg_tol, max_iter=cg_max_iter, r0=r0)
     return dx, info

@@ -95,7 +95,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmkit.errors import GeometryError, InputDataError, StageError
-from qsmkit.operators import Dipole, Gradient, Linop, cg, padded_box
+from qsmkit.operators import Dipole, Gradient, Linop, backtrack, cg, line_warm_start, padded_box
 from qsmkit.physics import GAMMA_BAR
 
 #: field strength (T) and echo spacing (s) assumed when the data do not say (as MEDI)
@@ -584,24 +584,11 @@ def _gauss_newton(model: _Model, res: TfiResult, *, max_iter, cg_max_iter, cg_to
         wgt, b = model.linearise()
         system = TfiSystem(model, wgt)
         rhs = b.neg_()
-        x0 = r0 = None
-        if prev is not None:   # warm start: the minimiser of the quadratic model along the previous step
-            ad = system.apply(prev)
-            dad = float(torch.sum(prev * ad, dtype=torch.float64))
-            if dad > 0:
-                c = float(torch.sum(rhs * prev, dtype=torch.float64)) / dad
-                x0, r0 = prev * c, rhs - ad * c
-            del ad
+        x0, r0 = line_warm_start(system, rhs, prev)   # the quadratic model's minimiser along the last step
         dy, info = cg(system, rhs, x0, tol=cg_tol, max_iter=cg_max_iter, r0=r0)
         del rhs, x0, r0, system, wgt
         dfield = model.dconv(dy * model.p).clone()
-        step, e_old, accepted = 1.0, res.cost[-1], None
-        for _ in range(8):
-            e_new = model.costs(model.y + step * dy, model.field + step * dfield)
-            if e_new[0] <= e_old:
-                accepted = e_new
-                break
-            step *= 0.5
+        step, accepted = backtrack(lambda s: model.costs(model.y + s * dy, model.field + s * dfield), res.cost[-1])
         if accepted is None:
             say(f"GN {it}: no decrease along the Gauss-Newton direction; stopping")
             res.converged = True

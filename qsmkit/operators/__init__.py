@@ -41,8 +41,9 @@ from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, 
 from .fourier import SMV, Dipole, FourierMultiplier
 from .gradient import Gradient
 from .grid import PaddedBox, bounding_box, padded_box
-from .solvers import CGInfo, cg, power_iteration
+from .solvers import CGInfo, backtrack, cg, line_warm_start, power_iteration
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
            "FourierMultiplier", "Dipole", "SMV", "Gradient", "cg", "CGInfo", "power_iteration",
+           "line_warm_start", "backtrack",
            "bounding_box", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

@@ -1,4 +1,5 @@
-"""Solvers shared by every method: :func:`cg` (one stopping rule) and :func:`power_iteration`."""
+"""Solvers shared by every method: :func:`cg` (one stopping rule), :func:`power_iteration`, and the
+Gauss-Newton helpers :func:`line_warm_start` and :func:`backtrack` (MEDI, TFI)."""
 
 from __future__ import annotations
 
@@ -238,3 +239,36 @@ def power_iteration(A, x0=None, *, normal: bool = True, max_iter: int = 100, tol
             break
         lam = new
     return float(lam), {"iterations": it, "history": hist}
+
+
+# =========================================================================== Gauss-Newton helpers
+def line_warm_start(A, b, direction):
+    """CG start ``(x0, r0)`` at the minimiser of ``x^H A x / 2 - b^H x`` along ``direction``.
+
+    Gauss-Newton methods (MEDI, TFI) start each inner CG at the previous step scaled to the best
+    multiple for the new system; ``(None, None)`` when ``direction`` is None or has no positive
+    curvature (CG then starts from zero).
+    """
+    if direction is None:
+        return None, None
+    ad = A.apply(direction)
+    dad = _vdot(direction, ad)
+    if not dad > 0:
+        return None, None
+    c = _vdot(b, direction) / dad
+    return direction * c, b - ad * c
+
+
+def backtrack(trial: Callable[[float], Any], cost: float, halvings: int = 8) -> tuple[float, Any]:
+    """Safeguarded step: halve ``step`` from 1 until ``trial(step)[0] <= cost``.
+
+    ``trial(step)`` returns the costs at the trial point (its first entry the total). Returns
+    ``(step, costs)``, or ``(0.0, None)`` when ``halvings`` halvings gave no decrease.
+    """
+    step = 1.0
+    for _ in range(halvings):
+        costs = trial(step)
+        if costs[0] <= cost:
+            return step, costs
+        step *= 0.5
+    return 0.0, None
