@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -76,14 +77,15 @@ def write_dataset(root: Path, n: int, shape, voxel: float, echoes: int) -> None:
 def one(pipe: Path, bids: Path, out: Path, executor: str, workers: int, n: int) -> dict:
     cmd = [sys.executable, "-m", "qsmkit.cli", "run", str(pipe), "--bids", str(bids), "--output-dir", str(out),
            "--executor", executor, "--workers", str(workers)]
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
+    dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)  # the run and the workers it waited for
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     runs = json.loads((out / ".qsmkit" / "summary.json").read_text())["runs"]
     done = [r for r in runs if r["status"] == "done"]
-    return {"executor": executor, "workers": workers, "subjects": len(done), "seconds": dt,
+    return {"executor": executor, "workers": workers, "subjects": len(done), "seconds": dt, "cpu_s": cpu,
             "subj_per_min": len(done) / dt * 60.0, "run_s": sum(r["duration_s"] for r in done) / max(len(done), 1),
             "worker_pids": len({r["worker_pid"] for r in done}),
             "peak_worker_mib": max(r["peak_rss_mib"] for r in done), "est_mib": max(r["estimate_mib"] for r in done)}
@@ -113,7 +115,7 @@ def main() -> None:
         for w in (int(v) for v in a.workers.split(",")):
             rows.append(one(pipe, bids, base / f"out-{ex}-{w}", ex, w, a.subjects))
             print(f"  {ex} x{w}: {rows[-1]['seconds']:.1f} s", flush=True)
-    print(table(rows, ["executor", "workers", "subjects", "seconds", "subj_per_min", "run_s", "worker_pids",
+    print(table(rows, ["executor", "workers", "subjects", "seconds", "cpu_s", "subj_per_min", "run_s", "worker_pids",
                        "peak_worker_mib", "est_mib"]))
     if a.keep is None:
         import shutil

@@ -30,13 +30,19 @@ import numpy as np
 GOALS = {"zero-filled": 0.060, "ESPIRiT": 2.0, "CG-SENSE 30 it": 1.5, "CS FISTA 30 it": 5.0, "CS POGM 30 it": 5.0}
 
 
+#: median CPU seconds (user + system, all threads) of the last :func:`_median_time` call
+LAST_CPU: list = [float("nan")]
+
+
 def _median_time(fn, repeats: int):
     fn()  # warm-up
-    ts, out = [], None
+    ts, cs, out = [], [], None
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         ts.append(time.perf_counter() - t0)
+        cs.append(time.process_time() - c0)
+    LAST_CPU[0] = float(np.median(cs))
     return float(np.median(ts)), out
 
 
@@ -116,6 +122,7 @@ def main() -> None:
     mt = mask_tensor(col, 1, (H, W), "cpu")
 
     rows = []
+    cpu_s: dict = {}  # CPU s per step (qsmkit), filled after each timing
 
     kt = torch.from_numpy(ku)
 
@@ -125,15 +132,19 @@ def main() -> None:
 
     t, zf = _median_time(zero_filled, args.repeats)
     rows.append(("zero-filled", t, evaluate_volume(ref, zf)["ssim"]))
+    cpu_s["zero-filled"] = LAST_CPU[0]
     t, (maps, _) = _median_time(lambda: espirit_maps(ku, col[None]), args.repeats)
     rows.append(("ESPIRiT", t, None))
+    cpu_s["ESPIRiT"] = LAST_CPU[0]
     mp = torch.from_numpy(maps)
     t, (x, _) = _median_time(lambda: cg_sense(y, mp, mt, 30, 0.0), args.repeats)
     rows.append(("CG-SENSE 30 it", t, evaluate_volume(ref, center_crop(np.abs(x[:, 0].numpy()), crop) * scale)["ssim"]))
+    cpu_s["CG-SENSE 30 it"] = LAST_CPU[0]
     for solver in ("fista", "pogm"):
         t, x = _median_time(lambda: cs_wavelet(y, mp, mt, 0.002, 30, solver), args.repeats)
         rows.append((f"CS {solver.upper()} 30 it", t,
                      evaluate_volume(ref, center_crop(np.abs(x[:, 0].numpy()), crop) * scale)["ssim"]))
+        cpu_s[f"CS {solver.upper()} 30 it"] = LAST_CPU[0]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for name, t, ssim in rows:
         print(f"  qsmkit {name:18s} {t:8.3f} s" + ("" if ssim is None else f"  SSIM {ssim:.4f}"), flush=True)
@@ -150,13 +161,14 @@ def main() -> None:
         print("BART not found on PATH (apt-get install bart); no BART column")
 
     print()
-    hdr = f"{'step':18s} {'qsmkit (s)':>10s} {'goal (s)':>9s} {'SSIM':>7s}"
+    hdr = f"{'step':18s} {'qsmkit (s)':>10s} {'CPU s':>7s} {'goal (s)':>9s} {'SSIM':>7s}"
     if bart:
         hdr += f" {'BART (s)':>9s} {'BART SSIM':>9s}"
     print(hdr)
     print("-" * len(hdr))
     for name, t, ssim in rows:
-        line = f"{name:18s} {t:10.3f} {GOALS[name]:9.3f} {'' if ssim is None else f'{ssim:.4f}':>7s}"
+        line = (f"{name:18s} {t:10.3f} {cpu_s.get(name, float('nan')):7.2f} {GOALS[name]:9.3f} "
+                f"{'' if ssim is None else f'{ssim:.4f}':>7s}")
         if bart:
             bt = bart.get(name)
             if bt is None:
@@ -165,7 +177,9 @@ def main() -> None:
                 bs = "" if bt[1] is None else f"{_ssim_fitted(ref, center_crop(bt[1][None], crop), evaluate_volume):.4f}"
                 line += f" {bt[0]:9.3f} {bs:>9s}"
         print(line)
-    print(f"\npeak memory {peak_mb:.0f} MB; timings on a shared machine are inflated by other processes")
+    print(f"\npeak memory {peak_mb:.0f} MB; CPU s = user + system of all threads (qsmkit); load average "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}; timings on a shared machine are inflated by "
+          f"other processes")
 
 
 if __name__ == "__main__":

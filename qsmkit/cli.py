@@ -1,4 +1,4 @@
-"""Command line: ``qsmkit run | validate | plugins | simulate | evaluate | report``, plus the plugins' commands.
+"""Command line: ``qsmkit run | validate | plugins | simulate | evaluate | report | train``, plus the plugins' commands.
 
 Plugins add commands through the ``qsmkit_register_commands`` hook (e.g. ``simulate-kspace``
 from the k-space plugin); the group loads them lazily (:class:`qsmkit.commands.PluginGroup`).
@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .commands import PluginGroup
+from .commands import PluginGroup, TrainGroup
 from .errors import QsmkitError
 
 SET_HELP = "Override a pipeline key, e.g. --set stages.4.params.lambda=500 (value parsed as YAML); repeatable."
@@ -85,10 +85,13 @@ def _on_sigterm(signum, frame) -> None:
               help="With --bids: runs side by side (default: cores, at most 4; fewer if memory is short).")
 @click.option("--scheduler", metavar="ADDRESS",
               help="With --executor dask: a running scheduler (tcp://host:8786) instead of a LocalCluster.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads per stage (pipeline key 'threads'); default: the cores other processes leave "
+                   "free, within the CPU affinity, cgroup quota and OMP_NUM_THREADS.")
 def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], overwrite: bool, quiet: bool,
         bids_dir: Path | None = None, participant_label: tuple[str, ...] = (), session_label: tuple[str, ...] = (),
         run_label: tuple[str, ...] = (), acq: tuple[str, ...] = (), executor: str | None = None,
-        workers: int | None = None, scheduler: str | None = None) -> int | None:
+        workers: int | None = None, scheduler: str | None = None, threads: int | None = None) -> int | None:
     """Validate and run PIPELINE (YAML); write NIfTI outputs and provenance.json.
 
     With --bids, run it on every run of a BIDS dataset: a failed run never stops the others, a
@@ -97,6 +100,8 @@ def run(pipeline: Path, output_dir: Path | None, overrides: tuple[str, ...], ove
     """
     from .pipeline import load_plan, run_plan
 
+    if threads is not None:  # the same key a pipeline file may set, validated with it
+        overrides = (*overrides, f"threads={threads}")
     cohort_only = {"--participant-label": participant_label, "--session-label": session_label,
                    "--run": run_label, "--acq": acq, "--executor": executor, "--workers": workers,
                    "--scheduler": scheduler}
@@ -307,6 +312,17 @@ def report(folder: Path, labels: Path | None, output: Path | None, overwrite: bo
     click.echo(f"report: {path}")
 
 
+@cli.group(cls=TrainGroup)
+def train() -> None:
+    """Train a learned method: qsmkit train <method> --config train.yaml --out DIR.
+
+    \b
+    Each method comes from its plugin (qsmkit plugins lists them); qsmkit train <method>
+    --print-defaults shows its config keys. Runs resume with --resume; the trained model is
+    DIR/model.pt, the file a stage's 'checkpoint' parameter takes.
+    """
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """qsmkit's own warnings as one ``warning: ...`` line on stderr; others as Python shows them."""
     from .errors import QsmkitWarning
@@ -330,6 +346,9 @@ def _interrupted(exc: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the click group, turning user errors into one line and exit status 2."""
     args = list(sys.argv[1:] if argv is None else argv)
+    from .threads import prepare_environment
+
+    prepare_environment()  # before torch is imported: idle OpenMP workers sleep (qsmkit.threads)
     debug = "--debug" in args or os.environ.get("QSMKIT_DEBUG", "") not in ("", "0")
     shown = warnings.showwarning
     warnings.showwarning = _show_warning

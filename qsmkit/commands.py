@@ -25,9 +25,32 @@ import click
 
 from .registry import PluginFailure
 
-__all__ = ["PluginCommands", "PluginGroup", "load_commands", "plugin_commands"]
+__all__ = ["PluginCommands", "PluginGroup", "TrainGroup", "load_commands", "plugin_commands", "train_group"]
 
 _META_KEY = "qsmkit.plugin_commands"
+#: built-in command groups whose subcommands come from several plugins (``qsmkit train <method>``)
+SHARED_GROUPS = ("train",)
+
+
+def train_group(cli: click.Group) -> click.Group:
+    """The ``train`` group inside a plugin's command hook: add ``qsmkit train <method>`` commands to it.
+
+    Usage in a plugin::
+
+        @hookimpl
+        def qsmkit_register_commands(cli):
+            from qsmkit.commands import train_group
+            from qsmkit.training import train_command
+            train_group(cli).add_command(train_command("qsmnet", DEFAULTS, run, "Train QSMnet."))
+
+    Several plugins add to the same group; a method name already taken by another plugin is a
+    registration failure of the second plugin, as for top-level commands.
+    """
+    group = cli.commands.get("train")
+    if group is None:
+        group = click.Group("train")
+        cli.add_command(group)
+    return group
 
 
 @dataclass
@@ -40,6 +63,8 @@ class PluginCommands:
         Command name -> command.
     providers : dict[str, tuple[str, str]]
         Command name -> (plugin name, distribution).
+    train, train_providers : dict
+        The same for the ``qsmkit train <method>`` subcommands (see :func:`train_group`).
     failures : list[PluginFailure]
         Plugins whose ``qsmkit_register_commands`` hook raised or used a name already taken.
     load_failures : list[PluginFailure]
@@ -48,6 +73,8 @@ class PluginCommands:
 
     commands: dict = field(default_factory=dict)
     providers: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+    train_providers: dict = field(default_factory=dict)
     failures: list = field(default_factory=list)
     load_failures: list = field(default_factory=list)
 
@@ -73,6 +100,10 @@ def load_commands(reserved: Iterable[str] = (), extra_plugins: Iterable[object] 
         trial = click.Group(name="qsmkit")
         try:
             impl.function(cli=trial)
+            shared = {g: trial.commands.pop(g) for g in SHARED_GROUPS if g in trial.commands}
+            for sub, cmd in getattr(shared.get("train"), "commands", {}).items():
+                if sub in out.train:
+                    raise ValueError(f"command 'train {sub}' is already added by plugin '{out.train_providers[sub][0]}'")
             for cname, cmd in trial.commands.items():
                 if not isinstance(cmd, click.Command):
                     raise TypeError(f"command '{cname}' is a {type(cmd).__name__}, not a click command")
@@ -87,6 +118,9 @@ def load_commands(reserved: Iterable[str] = (), extra_plugins: Iterable[object] 
         for cname, cmd in trial.commands.items():
             out.commands[cname] = cmd
             out.providers[cname] = (name, dist)
+        for sub, cmd in getattr(shared.get("train"), "commands", {}).items():
+            out.train[sub] = cmd
+            out.train_providers[sub] = (name, dist)
     return out
 
 
@@ -105,12 +139,13 @@ def plugin_commands(ctx: click.Context | None = None) -> PluginCommands:
 def describe_commands(ctx: click.Context | None = None) -> list[str]:
     """Lines for ``qsmkit plugins``: one per plugin command, with its plugin and distribution."""
     pc = plugin_commands(ctx)
-    if not pc.commands:
+    if not pc.commands and not pc.train:
         return []
     lines = ["commands"]
-    for cname in sorted(pc.commands):
-        plugin, dist = pc.providers[cname]
-        short = pc.commands[cname].get_short_help_str(limit=70)
+    entries = [(c, pc.commands[c], pc.providers[c]) for c in pc.commands]
+    entries += [(f"train {c}", pc.train[c], pc.train_providers[c]) for c in pc.train]
+    for cname, cmd, (plugin, dist) in sorted(entries, key=lambda e: e[0]):
+        short = cmd.get_short_help_str(limit=70)
         lines.append(f"  {cname}  [plugin {plugin}, from {dist}]" + (f"  {short}" if short else ""))
     return lines
 
@@ -142,3 +177,13 @@ class PluginGroup(click.Group):
             if notes and exc.message.startswith("No such command"):
                 exc.message = f"{exc.message.rstrip('.')} ({'; '.join(notes)})."
             raise
+
+
+class TrainGroup(click.Group):
+    """``qsmkit train``: a built-in group whose subcommands (one per trainable method) come from plugins."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(plugin_commands(ctx).train))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return self.commands.get(cmd_name) or plugin_commands(ctx).train.get(cmd_name)

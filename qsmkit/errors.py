@@ -47,6 +47,10 @@ class UnitsError(InputDataError):
     """Data are not in the units qsmkit expects (phase in rad, echo times in s, ...)."""
 
 
+class CheckpointError(InputDataError):
+    """A trained model's checkpoint is missing, corrupt, truncated, foreign or of another architecture."""
+
+
 class MissingArtifactError(QsmkitError):
     """A stage needs an artifact (e.g. ``magnitude``) that neither inputs nor stages provide."""
 

@@ -18,6 +18,8 @@ the k-space numbers agree with fastMRI's to the last bit.
 * :func:`ssim`: Wang et al. 2004 SSIM, identical to :func:`skimage.metrics.structural_similarity`
   with the same settings when ``mask`` is None (mean over the interior, the borders of
   half-window width cropped); with a mask, the mean of the same SSIM map over the mask voxels.
+* :func:`ssim_torch`: the same SSIM (uniform window, no mask) for torch image batches,
+  differentiable (a training loss, as fastMRI's ``SSIMLoss``); equals :func:`ssim` per image.
 * :func:`xsim`: the QSM reconstruction challenge 2.0 "XSIM" (Milovic et al.; Marques et al.,
   MRM 2021): SSIM on the maps in native ppm (no rescaling, no clipping) with ``L = 1 ppm``,
   ``K1 = 0.01``, ``K2 = 0.001``, a Gaussian window (sigma 1.5 voxels, 7^3 voxels: MATLAB
@@ -36,7 +38,7 @@ import numpy as np
 
 from .errors import GeometryError, InputDataError
 
-__all__ = ["rmse", "nrmse", "hfen", "ssim", "xsim", "psnr", "pearson", "nmse", "roi_means", "evaluate"]
+__all__ = ["rmse", "nrmse", "hfen", "ssim", "ssim_torch", "xsim", "psnr", "pearson", "nmse", "roi_means", "evaluate"]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -268,6 +270,57 @@ def ssim(truth, estimate, mask=None, data_range: float | None = None, win_size: 
     else:
         val = float(smap[m].mean())
     return (val, smap) if full else val
+
+
+def ssim_torch(truth, estimate, data_range, win_size: int = 7, K1: float = 0.01, K2: float = 0.03,
+               use_sample_covariance: bool = True):
+    """Per-image SSIM of torch batches, differentiable: :func:`ssim` (uniform window, no mask) in torch.
+
+    The SSIM map of the valid (fully inside) windows is averaged per image, which is exactly
+    :func:`ssim`'s mean over the interior after cropping ``(win_size - 1) // 2`` pixels at each
+    border (there the reflect padding of the numpy version never enters a window).
+
+    Parameters
+    ----------
+    truth, estimate : torch.Tensor, (N, C, H, W)
+        Real image batches (2D images; C channels are averaged too).
+    data_range : float or torch.Tensor
+        Dynamic range ``L``; a tensor of shape ``(N,)`` gives one per image (fastMRI uses each
+        volume's maximum).
+    win_size : int
+        Odd window side (7 as scikit-image / fastMRI).
+
+    Returns
+    -------
+    torch.Tensor, (N,)
+        SSIM of each image (``1 - ssim`` is fastMRI's ``SSIMLoss``).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    if truth.shape != estimate.shape or truth.ndim != 4:
+        raise GeometryError(f"ssim_torch needs two (N, C, H, W) batches of one shape, got {tuple(truth.shape)} "
+                            f"and {tuple(estimate.shape)}")
+    if win_size % 2 != 1 or win_size < 3 or min(truth.shape[-2:]) < win_size:
+        raise InputDataError(f"ssim_torch: win_size {win_size} must be odd, >= 3 and fit in {tuple(truth.shape[-2:])}")
+    n, c = truth.shape[:2]
+    x = truth.reshape(n * c, 1, *truth.shape[-2:])
+    y = estimate.reshape(n * c, 1, *estimate.shape[-2:])
+    L = torch.as_tensor(data_range, dtype=x.dtype, device=x.device).reshape(-1)
+    L = (L.repeat_interleave(c) if L.numel() == n else L.expand(n * c)).reshape(-1, 1, 1, 1)
+
+    def filt(a):
+        return F.avg_pool2d(a, win_size, stride=1)
+
+    npix = win_size * win_size
+    cov_norm = npix / (npix - 1.0) if use_sample_covariance else 1.0
+    ux, uy = filt(x), filt(y)
+    vx = cov_norm * (filt(x * x) - ux * ux)
+    vy = cov_norm * (filt(y * y) - uy * uy)
+    vxy = cov_norm * (filt(x * y) - ux * uy)
+    c1, c2 = (K1 * L) ** 2, (K2 * L) ** 2
+    smap = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return smap.mean(dim=(1, 2, 3)).reshape(n, c).mean(dim=1)
 
 
 def xsim(truth, estimate, mask=None, full: bool = False):

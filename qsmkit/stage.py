@@ -320,6 +320,15 @@ class Stage:
     #: in a run over several acquisitions: ``"each"`` runs once per acquisition (until the first
     #: joint stage), ``"joint"`` runs once and reads all of them as :data:`ACQUISITIONS`
     scope: ClassVar[str] = "each"
+    #: the most CPU threads this stage's kernels use well (``1`` for small dense kernels that do not
+    #: scale); ``None``: as many as :mod:`qsmkit.threads` decides for the run
+    threads: ClassVar[int | None] = None
+
+    def thread_limit(self, ctx: "StageContext | None", p: "Params | None") -> int | None:
+        """The thread ceiling for this run of the stage (default :attr:`threads`); a stage whose
+        scaling depends on the problem size overrides it. The engine applies it through
+        :func:`qsmkit.threads.stage_threads`."""
+        return self.threads
 
     @classmethod
     def param_map(cls) -> dict[str, Param]:

@@ -129,13 +129,27 @@ class StoppingRule:
     * or ``s < tol``: the output has settled; the running average (the result) no longer moves
       appreciably, and further iterations only refine details slowly.
 
+    With ``min_delta > 0`` only a value lower than the last counted minimum by more than that
+    fraction of it restarts the ``patience`` clock (a slow creep down counts as a plateau), so
+    the fit stops as soon as the held-out residual stops improving appreciably; the best
+    iteration is still the lowest value seen. :meth:`seed_best` makes a warm start (iteration 0)
+    the value to beat.
+
     The result of a stopped fit is the running average saved at the best iteration.
     """
 
-    def __init__(self, min_iterations: int = 100, patience: int = 150, tol: float = 5e-3):
+    def __init__(self, min_iterations: int = 100, patience: int = 150, tol: float = 5e-3,
+                 min_delta: float = 0.0):
         self.min_iterations, self.patience, self.tol = int(min_iterations), int(patience), float(tol)
+        self.min_delta = float(min_delta)
         self.best_value, self.best_iteration = math.inf, 0
+        self.clock_value, self.clock_iteration = math.inf, 0   # last appreciable improvement
         self.reason = ""
+
+    def seed_best(self, validation: float) -> None:
+        """Make ``validation`` (of the warm start, iteration 0) the value to beat."""
+        self.best_value = self.clock_value = float(validation)
+        self.best_iteration = self.clock_iteration = 0
 
     def update(self, iteration: int, instability: float, validation: float | None = None) -> tuple[bool, bool]:
         """Record the signals at ``iteration``; return ``(new best iteration, stop now)``."""
@@ -146,11 +160,14 @@ class StoppingRule:
         is_best = score < self.best_value
         if is_best:
             self.best_value, self.best_iteration = score, iteration
+        if score < self.clock_value * (1.0 - self.min_delta) or self.clock_value == math.inf:
+            self.clock_value, self.clock_iteration = score, iteration
         if instability < self.tol:
             self.reason = f"output settled (instability {instability:.2e} < {self.tol:g})"
             return is_best, True
-        if iteration - self.best_iteration >= self.patience:
-            self.reason = (f"no new minimum of the {what} for {self.patience} iterations "
+        if iteration - self.clock_iteration >= self.patience:
+            lower = "minimum" if self.min_delta == 0 else f"minimum lower by {self.min_delta:g} of it"
+            self.reason = (f"no new {lower} of the {what} for {self.patience} iterations "
                            f"(minimum {self.best_value:.3e} at iteration {self.best_iteration})")
             return is_best, True
         return is_best, False

@@ -12,6 +12,13 @@ data and no ground truth are involved: the network's structure is the regularise
 reproduces smooth, piecewise structures long before it reproduces noise or streaks. Fitting too
 long overfits them, so the loop stops by itself (see "Stopping rule" below).
 
+Warm start (``warm_start``, default ``"tikhonov"``). The fit can start from a fast
+gradient-regularised least-squares map ``chi0`` (:func:`qsmkit_dip.warmstart.tikhonov_start`,
+its weight chosen by the held-out residual): ``"tikhonov"`` fits ``chi = M (chi0 + f_theta(z))``
+with the output layer initialised to zero; ``"pretrain"`` first fits ``f_theta(z)`` to ``chi0``
+in the image domain, then to the field. Either way ``chi0`` is the stopping rule's candidate of
+iteration 0, so the result is never worse on the held-out voxels than the start.
+
 The dipole convolution is the core one, :class:`qsmkit.operators.Dipole` (real-FFT half
 spectrum on the zero-padded grid of :func:`qsmkit.fft.padded_shape`, in torch and
 differentiable); :class:`DipoleOperator` is that operator with its kernel on the fitting device.
@@ -30,7 +37,8 @@ overfits them. Two signals are watched every ``check_every`` iterations:
   size of the output's recent motion. It falls by orders of magnitude while the structure is
   built and flattens at a floor set by the optimiser's jitter.
 
-The fit stops when ``v`` has not improved for ``patience`` iterations, or when
+The fit stops when ``v`` has not improved (by more than ``min_delta`` of its minimum) for
+``patience`` iterations, or when
 ``s < stop_tol`` (settled), and returns the running average of the best iteration (lowest
 ``v``). Averaging removes the step-to-step jitter of the raw output, whose error fluctuates
 by several percent between steps. Without hold-out, ``s`` replaces ``v`` as the watched score
@@ -54,18 +62,23 @@ from qsmkit.errors import InputDataError, ParameterError, StageError
 from qsmkit.progress import progress
 
 from .components import DipoleOperator, StoppingRule, _deterministic, _tv, working_box
+from .warmstart import tikhonov_start
 
-__all__ = ["dip", "DipoleOperator", "StoppingRule", "working_box"]
+__all__ = ["dip", "DipoleOperator", "StoppingRule", "working_box", "WARM_STARTS"]
+
+#: starting points of the fit (``warm_start``)
+WARM_STARTS = ("none", "tikhonov", "pretrain")
 
 
 # --------------------------------------------------------------------------- the inversion
 def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir: Sequence[float], *,
         noise_weight: np.ndarray | None = None,
-        iterations: int = 2000, min_iterations: int = 100, lr: float = 5e-3,
-        channels: int = 16, depth: int = 3, input_channels: int = 8, skip: bool = True,
-        skip_channels: int = 8, input_noise: float = 0.0, loss: str = "l2", tv_weight: float = 0.0,
-        ema: float = 0.98, early_stop: bool = True, patience: int = 150, check_every: int = 10,
-        stop_tol: float = 5e-3, holdout: float = 0.1,
+        iterations: int = 2000, min_iterations: int = 20, lr: float = 5e-3,
+        channels: int = 8, depth: int = 3, input_channels: int = 8, skip: bool = True,
+        skip_channels: int = 4, input_noise: float = 0.0, loss: str = "l2", tv_weight: float = 0.0,
+        ema: float = 0.98, early_stop: bool = True, patience: int = 40, check_every: int = 10,
+        stop_tol: float = 5e-3, holdout: float = 0.1, min_delta: float = 5e-3,
+        warm_start: str = "tikhonov", pretrain_steps: int = 50,
         seed: int = 0, device: Any = "auto", amp: bool = False, crop_to_mask: bool = True,
         margin: int = 4, padding: float = 1.5, log: Callable[[str], None] | None = None,
         log_every: int = 100,
@@ -119,6 +132,22 @@ def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
         Fraction of the mask voxels (a fixed random subset, from ``seed``) left out of the loss
         and used only to watch for overfitting (0 disables it; then the stopping rule watches the
         instability alone).
+    min_delta : float
+        Stopping rule: a held-out residual (instability) counts as a new minimum for the
+        ``patience`` clock only if it is lower than the previous minimum by more than this
+        fraction of it (0: any decrease), so the fit stops as soon as the residual stops
+        improving appreciably; the result is still the running average of the lowest value.
+    warm_start : {"tikhonov", "pretrain", "none"}
+        ``"tikhonov"``: the network learns a correction to a fast gradient-regularised inversion
+        ``chi0`` (:func:`qsmkit_dip.warmstart.tikhonov_start`, its weight chosen by the held-out
+        residual): ``chi = M (chi0 + f_theta(z))`` with the output layer initialised to zero,
+        so the fit starts at ``chi0``; ``chi0`` itself is the first candidate of the stopping
+        rule (iteration 0). ``"pretrain"``: the network alone (plain DIP output), first fitted
+        for ``pretrain_steps`` Adam steps to reproduce ``chi0`` (image-domain least squares),
+        then to the field; ``chi0`` is again the candidate of iteration 0. ``"none"``: the
+        plain DIP from a random network.
+    pretrain_steps : int
+        Steps of the ``"pretrain"`` warm start.
     seed : int
         Seed of ``z``, of the network initialisation and of the input perturbations. On CPU the
         same seed gives the same result bit for bit (deterministic algorithms are enforced) for
@@ -163,13 +192,16 @@ def dip(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
     The stopping rule (held-out residual, output instability): module docstring, :class:`StoppingRule`.
     """
     f, m, w = _checked_inputs(field, mask, noise_weight, loss, ema)
+    if warm_start not in WARM_STARTS:
+        raise ParameterError(f"warm_start = {warm_start!r} is not allowed; choose {' or '.join(WARM_STARTS)}")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     prob = _prepare(f, m, w, voxel_size, b0_dir, dev, depth=depth, crop_to_mask=crop_to_mask, margin=margin,
                     padding=padding, holdout=holdout, seed=seed)
     cfg = dict(iterations=int(iterations), min_iterations=min_iterations, lr=lr, input_noise=input_noise,
                loss=loss, tv_weight=tv_weight, ema=ema, early_stop=early_stop, patience=patience,
-               check_every=check_every, stop_tol=stop_tol, amp=bool(amp) and dev.type == "cuda", log=log,
+               check_every=check_every, stop_tol=stop_tol, min_delta=min_delta, warm_start=warm_start,
+               pretrain_steps=pretrain_steps, amp=bool(amp) and dev.type == "cuda", log=log,
                log_every=log_every, callback=callback, callback_every=callback_every)
     net_cfg = dict(input_channels=input_channels, channels=channels, depth=depth, skip=skip,
                    skip_channels=skip_channels)
@@ -284,13 +316,26 @@ def _fit(prob: _Problem, dev, seed: int, net_cfg: dict, cfg: dict) -> tuple[np.n
                            net_cfg["skip_channels"]).to(dev)
         z = make_noise_input(prob.shape, net_cfg["input_channels"], seed).to(dev)
         gen = torch.Generator(device=dev).manual_seed(seed + 1)
+        base = chi0 = None
+        if cfg["warm_start"] != "none":
+            chi0, ws = tikhonov_start(prob.op, prob.f_w, prob.wm_w, prob.m_w, prob.hv_w, prob.hv_den)
+        if cfg["warm_start"] == "tikhonov":
+            base = chi0
+            with torch.no_grad():  # start at chi0 exactly: the network's output is zero at first
+                net.out.weight.zero_()
+                net.out.bias.zero_()
         opt = torch.optim.Adam(net.parameters(), lr=float(cfg["lr"]))
+        if cfg["warm_start"] == "pretrain":
+            ws["pretrain_error"] = _pretrain(prob, net, z, opt, chi0, int(cfg["pretrain_steps"]))
         n_params = sum(p.numel() for p in net.parameters())
         st = _FitState(prob.shape, dev, 1.0 - float(cfg["ema"]),
-                       StoppingRule(cfg["min_iterations"], cfg["patience"], cfg["stop_tol"]))
+                       StoppingRule(cfg["min_iterations"], cfg["patience"], cfg["stop_tol"], cfg["min_delta"]))
+        if chi0 is not None:
+            st.hist["warm_start"] = ws
+            st.start_from(prob, chi0, cfg["early_stop"], average=base is not None)
         it = 0
         for it in progress(range(1, cfg["iterations"] + 1), "DIP"):
-            x, total_v, data_v = _step(prob, net, z, gen, opt, dev, cfg)
+            x, total_v, data_v = _step(prob, net, z, gen, opt, dev, cfg, base)
             st.update_average(x, it)
             if it % cfg["check_every"] == 0 or it == cfg["iterations"]:
                 st.check(prob, it, total_v, data_v, cfg["early_stop"])
@@ -307,15 +352,34 @@ def _fit(prob: _Problem, dev, seed: int, net_cfg: dict, cfg: dict) -> tuple[np.n
     return chi, st.hist
 
 
-def _step(prob: _Problem, net, z, gen, opt, dev, cfg):
-    """One Adam step on the data (+ TV) loss; returns the masked output and the loss values."""
+def _pretrain(prob: _Problem, net, z, opt, target, steps: int) -> float:
+    """``steps`` Adam steps fitting the network's masked output to ``target``; returns the
+    final relative error ``||M (f(z) - target)|| / ||M target||``."""
+    import torch
+
+    den = float(target.square().sum().clamp_min(1e-30))
+    err = 1.0
+    for _ in range(steps):
+        x = net(z).float()[0, 0] * prob.m_w
+        loss = (x - target).square().sum() / den
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        err = float(loss.detach()) ** 0.5
+    return err
+
+
+def _step(prob: _Problem, net, z, gen, opt, dev, cfg, base=None):
+    """One Adam step on the data (+ TV) loss; returns the masked output and the loss values.
+
+    ``base`` (the warm start ``chi0``, or None) is added to the network's output."""
     import torch
 
     zin = z if cfg["input_noise"] <= 0 else z + float(cfg["input_noise"]) * torch.randn(
         z.shape, generator=gen, device=dev)
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg["amp"]):
         out = net(zin)
-    x = out.float()[0, 0] * prob.m_w
+    x = (out.float()[0, 0] if base is None else out.float()[0, 0] + base) * prob.m_w
     r = (prob.op(x) - prob.f_w) * prob.wm_w
     data = (r.square().sum() if cfg["loss"] == "l2" else r.abs().sum()) / prob.n_mask
     total = data + cfg["tv_weight"] * _tv(x) if cfg["tv_weight"] > 0 else data
@@ -339,7 +403,26 @@ class _FitState:
         self.hist: dict[str, Any] = {"iteration": [], "loss": [], "data_loss": [], "instability": [],
                                      "validation": []}
         self.stopped, self.reason = False, "iteration budget used"
+        self.started = False
         self.last_log_t, self.last_log_it = time.perf_counter(), 0
+
+    def start_from(self, prob: _Problem, x0, early_stop: bool, average: bool = True) -> None:
+        """Make ``x0`` (the warm start) the candidate of iteration 0 (and the running average)."""
+        import torch
+
+        if average:
+            with torch.no_grad():
+                self.avg.copy_(x0)
+            self.started = True
+        v = None if prob.hv_w is None else self._validation(prob, x0)
+        if v is not None and early_stop:
+            self.rule.seed_best(v)
+            self.best = x0.clone()
+
+    @staticmethod
+    def _validation(prob: _Problem, x) -> float:
+        """Held-out relative residual of ``x``."""
+        return float(((prob.op(x) - prob.f_w) * prob.hv_w).square().sum()) / prob.hv_den
 
     def update_average(self, x, it: int) -> None:
         import torch
@@ -347,7 +430,7 @@ class _FitState:
         a = self.a
         with torch.no_grad():
             xd = x.detach()
-            if it == 1:
+            if it == 1 and not self.started:
                 self.avg.copy_(xd)
             else:
                 delta = xd - self.avg
@@ -359,7 +442,7 @@ class _FitState:
 
         with torch.no_grad():
             s = float(self.var.sum() / self.avg.square().sum().clamp_min(1e-30))
-            v = None if prob.hv_w is None else float(((prob.op(self.avg) - prob.f_w) * prob.hv_w).square().sum()) / prob.hv_den
+            v = None if prob.hv_w is None else self._validation(prob, self.avg)
         h = self.hist
         h["iteration"].append(it)
         h["loss"].append(total_v)

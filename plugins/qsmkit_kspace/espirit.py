@@ -24,13 +24,13 @@ Per slice:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import numpy as np
 
 from qsmkit.device import resolve_device
 from qsmkit.errors import InputDataError, ParameterError
+from qsmkit.threads import limited
 
 from .masks import fully_sampled_center
 
@@ -59,18 +59,6 @@ def calibration_region(shape: Sequence[int], calib: Sequence[int], mask: np.ndar
             f"{kernel}x{kernel} kernel, but only {ch}x{cw} is sampled; sample a larger centre (center_fractions / "
             f"calib) or use a smaller kernel")
     return ch, cw
-
-
-@contextlib.contextmanager
-def _single_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _power(G, v, lam, prev, prev_eigs, iterations: int, tol: float, crop: float):
@@ -157,7 +145,7 @@ def _calibration_kernels(cal, k: int, threshold: float):
     # block-Hankel calibration matrix: rows = patches, columns = (coil, ky, kx) of a patch
     patches = cal.unfold(1, k, 1).unfold(2, k, 1)  # (C, nh, nw, k, k)
     A = patches.permute(1, 2, 0, 3, 4).reshape(-1, C * k * k)
-    with _single_thread():  # small dense LAPACK: threads only add overhead
+    with limited(1):  # small dense LAPACK: threads only add overhead
         _, s, vh = torch.linalg.svd(A, full_matrices=False)
     if float(s[0]) <= 0:
         raise InputDataError("ESPIRiT: the calibration region holds no signal (all zero); check the k-space centre")
@@ -194,7 +182,7 @@ def _start_vectors(ksp, cal, h0: int, w0: int):
     low = torch.zeros((C, H, W), dtype=torch.complex64, device=ksp.device)
     low[:, h0:h0 + ch, w0:w0 + cw] = cal
     v0_all = ifft2c(low).reshape(C, -1).T.contiguous()  # (N, C)
-    with _single_thread():
+    with limited(1):
         u, _, _ = torch.linalg.svd(cal.reshape(C, -1), full_matrices=False)
     return v0_all, u[:, 0]
 

@@ -60,6 +60,14 @@ class MEDI(Stage):
         DEVICE_PARAM,
     )
 
+    def thread_limit(self, ctx, p):
+        """One CPU thread on small grids (:func:`qsmkit_medi.medi.thread_limit`), else no limit."""
+        if ctx is None or p is None or "mask" not in ctx or not hasattr(ctx["mask"], "data"):
+            return None
+        from .medi import thread_limit
+
+        return thread_limit(ctx["mask"].data, p.padding)
+
     def run(self, ctx, p):
         f, mask = ctx["local_field"], ctx["mask"]
         m = np.asarray(mask.data) > 0

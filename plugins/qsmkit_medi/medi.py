@@ -67,6 +67,7 @@ from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, StageError
 from qsmkit.operators import bounding_box
 from qsmkit.physics import GAMMA_BAR
+from qsmkit.threads import limited
 
 from .solver import (MERIT_FACTOR, MERIT_POWER, MediSystem, _edge_mask, _gauss_newton, _MediModel,  # noqa: F401
                      _Ops, _WorkGrid, _work_problem)
@@ -204,19 +205,19 @@ def medi(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_di
               cg_max_iter=cg_max_iter, cg_tol=cg_tol, tol=tol, epsilon=epsilon, padding=padding,
               device=device, log=log, callback=callback)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    n_threads = torch.get_num_threads()
-    m = np.asarray(mask) > 0
-    work = 0.0
-    if m.ndim == 3 and m.any():
-        work = float(np.prod([s.stop - s.start for s in bounding_box(m)])) * max(float(padding), 1.0) ** 3
-    small = dev.type == "cpu" and n_threads > 1 and 0 < work < SINGLE_THREAD_VOXELS
-    if small:  # thread start-up and barriers cost more than they gain on small grids
-        torch.set_num_threads(1)
-    try:
+    # thread start-up and barriers cost more than they gain on small grids (qsmkit.threads)
+    with limited(thread_limit(mask, padding) if dev.type == "cpu" else None):
         return _medi(field, mask, voxel_size, b0_dir, **kw)
-    finally:
-        if small:
-            torch.set_num_threads(n_threads)
+
+
+def thread_limit(mask: np.ndarray, padding: float) -> int | None:
+    """1 when the padded work grid of ``mask``'s bounding box is under :data:`SINGLE_THREAD_VOXELS`
+    voxels (small FFTs do not scale over threads), else None (no limit)."""
+    m = np.asarray(mask) > 0
+    if m.ndim != 3 or not m.any():
+        return None
+    work = float(np.prod([s.stop - s.start for s in bounding_box(m)])) * max(float(padding), 1.0) ** 3
+    return 1 if work < SINGLE_THREAD_VOXELS else None
 
 
 def _medi(field, mask, voxel_size, b0_dir, *, magnitude, noise_weight, lam, edge_percentage, edge_mask,

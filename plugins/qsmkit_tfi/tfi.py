@@ -97,6 +97,7 @@ import numpy as np
 from qsmkit.errors import GeometryError, InputDataError, StageError
 from qsmkit.operators import Dipole, Gradient, Linop, backtrack, cg, line_warm_start, padded_box
 from qsmkit.physics import GAMMA_BAR
+from qsmkit.threads import limited
 
 #: field strength (T) and echo spacing (s) assumed when the data do not say (as MEDI)
 REFERENCE_FIELD_T = 3.0
@@ -452,21 +453,15 @@ def tfi(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], 
     import torch
 
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    n_threads = torch.get_num_threads()
     sup = None if support is None else np.asarray(support) > 0
     n_work = float(sup.sum()) * 1.6 if sup is not None else float(np.prod(np.shape(total_field)))
-    small = dev.type == "cpu" and n_threads > 1 and n_work < SINGLE_THREAD_VOXELS
-    if small:
-        torch.set_num_threads(1)
-    try:
+    small = dev.type == "cpu" and n_work < SINGLE_THREAD_VOXELS
+    with limited(1 if small else None):  # small grids: one thread (qsmkit.threads)
         return _tfi(total_field, mask, voxel_size, b0_dir, support, magnitude, noise_weight, lam=lam,
                     edge_percentage=edge_percentage, p_background=p_background, field_strength=field_strength,
                     echo_times=echo_times, max_iter=max_iter, cg_max_iter=cg_max_iter, cg_tol=cg_tol, tol=tol,
                     epsilon=epsilon, margin_mm=margin_mm, chi_air=chi_air, padding=padding, dev=dev,
                     say=log or (lambda msg: None), callback=callback)
-    finally:
-        if small:
-            torch.set_num_threads(n_threads)
 
 
 def _checked_inputs(total_field, mask, support, magnitude, noise_weight, voxel_size, edge_percentage):

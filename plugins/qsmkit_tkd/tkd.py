@@ -60,21 +60,7 @@ def tkd(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_dir
     """
     m = np.asarray(mask) > 0
     f = np.where(m, np.asarray(field, dtype=np.float32), np.float32(0))
-    dipole = Dipole(f.shape, voxel_size, b0_dir, padding=padding)   # real, even kernel: half spectrum
-    d = dipole.make_kernel()
-    t = np.float32(threshold)
-    small = np.abs(d) < t
-    d[small] = np.where(d[small] < 0, -t, t)  # truncate: |D| < t -> sign(D) * t (D(0) = 0 -> t, F(0) -> 0 below)
-    del small
-
-    def divide(spec):
-        nonlocal d
-        spec /= d
-        spec[0, 0, 0] = 0  # D(0) = 0: the mean is undetermined; reference chi afterwards
-        d = None           # free the kernel before the inverse FFT allocates its output
-        return spec
-
-    chi = dipole.filter(f, divide)
+    chi = Dipole(f.shape, voxel_size, b0_dir, padding=padding).truncated_inverse(f, threshold)
     if correct:
         chi /= np.float32(truncation_response(threshold))
     chi[~m] = 0

@@ -24,7 +24,8 @@ Operators defined here:
 
 Solvers: :func:`cg` (preconditioned conjugate gradients, batched, ONE stopping rule:
 ``||r|| / ||b|| <= tol`` or ``max_iter``) and :func:`power_iteration` (largest eigenvalue of
-``A^H A``, e.g. a Lipschitz constant). Grid helper: :func:`bounding_box`.
+``A^H A``, e.g. a Lipschitz constant), :func:`proximal_gradient` (FISTA / POGM with restart) and
+:func:`condat_vu` (primal-dual) for ``1/2 ||A x - y||^2 + g(.)``. Grid helper: :func:`bounding_box`.
 
 Modules: :mod:`~qsmkit.operators.base` (``Linop``, algebra, ``Diagonal``),
 :mod:`~qsmkit.operators.fourier` (``FourierMultiplier``, ``Dipole``, ``SMV``),
@@ -41,9 +42,9 @@ from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, 
 from .fourier import SMV, Dipole, FourierMultiplier
 from .gradient import Gradient
 from .grid import PaddedBox, bounding_box, padded_box
-from .solvers import CGInfo, backtrack, cg, line_warm_start, power_iteration
+from .solvers import CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, power_iteration, proximal_gradient
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
            "FourierMultiplier", "Dipole", "SMV", "Gradient", "cg", "CGInfo", "power_iteration",
-           "line_warm_start", "backtrack",
+           "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
            "bounding_box", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

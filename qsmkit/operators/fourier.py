@@ -276,6 +276,41 @@ class Dipole(FourierMultiplier):
         """A fresh dipole kernel on :attr:`fft_shape` (half spectrum with ``rfft``), float32."""
         return dipole_kernel(self.fft_shape, self.voxel_size, self.b0_dir, rfft=self.rfft)
 
+    def truncated_inverse(self, field: np.ndarray, threshold: float) -> np.ndarray:
+        """Truncated k-space division (Shmueli et al., MRM 62:1510, 2009), uncorrected.
+
+        ``chi = iFFT(FFT(field) / D_t)`` with ``D_t = D`` where ``|D| >= threshold`` and
+        ``sign(D) * threshold`` elsewhere; ``D(0) = 0`` gives a zero-mean result. The one kernel
+        division under TKD and the closed-form estimates other methods start from.
+
+        Parameters
+        ----------
+        field : ndarray, ``shape``
+            Field in ppm of B0 (zero outside the region of valid data).
+        threshold : float
+            Truncation level of the kernel (0.15 is usual).
+
+        Returns
+        -------
+        ndarray, float32
+            Susceptibility (ppm), systematically underestimated by the truncation (TKD divides by
+            its response).
+        """
+        d = self.make_kernel()
+        t = np.float32(threshold)
+        small = np.abs(d) < t
+        d[small] = np.where(d[small] < 0, -t, t)
+        del small
+
+        def divide(spec):
+            nonlocal d
+            spec /= d
+            spec[0, 0, 0] = 0  # D(0) = 0: the mean is undetermined; reference chi afterwards
+            d = None           # free the kernel before the inverse FFT allocates its output
+            return spec
+
+        return self.filter(np.asarray(field, dtype=np.float32), divide)
+
     @classmethod
     def example(cls):
         return cls((6, 7, 5), (1.0, 0.8, 1.5), (0.2, -0.3, 0.9), padding=1.5)

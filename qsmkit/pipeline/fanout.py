@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import QsmkitError, StageError
 from ..stage import ACQUISITIONS, StageContext
+from ..threads import limited, stage_threads
 from ..volume import Volume
 from .plan import Plan, Step
 
@@ -49,20 +50,28 @@ def _check_outputs(step: Step, out: Any) -> dict:
     return out
 
 
+#: the thread count :func:`run_step` last ran a stage with (recorded in the provenance)
+last_threads: list[int] = []
+
+
 def run_step(step: Step, art: dict, log: Callable[[str], None], metrics: dict, tag: str = "") -> float:
     """Run one stage on ``art`` (updated in place with its outputs); returns the seconds it took."""
     declared = (*step.cls.reads, *step.cls.optional_reads) + ((ACQUISITIONS,) if step.cls.scope == "joint" else ())
     ctx = StageContext(art, stage_label=f"{step.kind}/{step.method}", log=lambda m: log(f"      {m}"),
                        declared=declared)
+    stage = step.cls()
+    n_threads = stage_threads(stage, ctx, step.params)  # qsmkit.threads: cores free now, capped by the stage
     t0 = time.perf_counter()
     try:
-        out = step.cls().run(ctx, step.params)
+        with limited(n_threads):
+            out = stage.run(ctx, step.params)
     except QsmkitError:
         raise
     except MemoryError:
         raise StageError(f"{step.label}{tag}: out of memory; crop the volume or lower padding") from None
     art.update(_check_outputs(step, out))
     metrics.update(ctx.metrics)
+    last_threads[:] = [n_threads]
     return time.perf_counter() - t0
 
 
@@ -92,7 +101,7 @@ def run_steps(plan: Plan, art: dict, per: list[dict] | None, log: Callable[[str]
                 per = None
             dt = run_step(step, res.artifacts, log, res.metrics)
         res.produced |= set(step.cls.writes) | (set(step.cls.optional_writes) & set(res.artifacts))
-        rec.update(status="ran", duration_s=round(dt, 3))
+        rec.update(status="ran", duration_s=round(dt, 3), threads=last_threads[0] if last_threads else None)
         res.records.append(rec)
         log(f"[{step.index + 1}/{n}] {step.kind}/{step.method}: {dt:.2f} s")
     if per is not None:

@@ -59,6 +59,9 @@ class Plan:
     device: str = "auto"
     #: draw the QC pictures (:mod:`qsmkit.qc`) into the output folder (pipeline key ``qc``, default true)
     qc: bool = True
+    #: CPU threads per stage (pipeline key ``threads``, ``qsmkit run --threads``); None: decided per
+    #: stage from the free cores (:mod:`qsmkit.threads`)
+    threads: int | None = None
 
     def summary(self) -> list[str]:
         lines = [f"pipeline '{self.name}': {sum(s.run for s in self.steps)} of {len(self.steps)} stages run; "
@@ -218,9 +221,12 @@ def build_plan(spec: Mapping[str, Any], registry: StageRegistry, source: Path | 
     qc = spec.get("qc", True)
     if not isinstance(qc, bool):
         raise ConfigError(f"pipeline: qc = {qc!r}; give true (draw the QC pictures, the default) or false")
+    from ..threads import check_threads
+
+    threads = check_threads(spec.get("threads"), "pipeline: threads")
     plan = Plan(str(name or (source.stem if source else "pipeline"))[:200], source, prepared.values, steps,
                 out_path, given_artifacts(prepared.values), list(overrides), multi, prepared.notes, overwrite,
-                device, qc=qc)
+                device, qc=qc, threads=threads)
     check_output_dir(plan)
     return plan
 

@@ -20,6 +20,7 @@ from ..inputs import RESERVED
 from ..io.acquisition import load_acquisition, simulate_inputs
 from ..registry import StageRegistry
 from ..stage import Params
+from ..threads import set_run_threads
 from ..volume import Volume
 from .fanout import run_steps
 from .outputs import PROVENANCE, OutputFolder, pipeline_identity
@@ -161,10 +162,15 @@ def run_plan(plan: Plan, registry: StageRegistry | None = None, log: Callable[[s
             plugin, dist = registry.provider(step.kind, step.method)
             return {"plugin": plugin, "distribution": dist}
 
-        res = run_steps(plan, art, per, log, provider)
+        previous_threads = set_run_threads(getattr(plan, "threads", None))
+        try:
+            res = run_steps(plan, art, per, log, provider)
+        finally:
+            set_run_threads(previous_threads)
         metrics = {**res.metrics, **truth_metrics(res.artifacts, truth, res.produced)}
         record = provenance(plan, pipeline_identity(plan.name, plan.source), res.records, started)
         record["device"] = device
+        record["threads"] = getattr(plan, "threads", None) or "auto"
         files: list = []
         if write:
             names = _stage_files(folder, res.artifacts, res.produced | set(keep), metrics, record, t_all)

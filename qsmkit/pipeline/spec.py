@@ -22,7 +22,7 @@ MAX_BYTES = 1 << 20
 #: largest number of YAML nodes a document may expand to once aliases are followed
 MAX_NODES = 100_000
 
-TOP_KEYS = ("name", "description", "inputs", "stages", "output_dir", "device", "qc")
+TOP_KEYS = ("name", "description", "inputs", "stages", "output_dir", "device", "qc", "threads")
 STAGE_KEYS = ("stage", "method", "params")
 
 
@@ -105,24 +105,29 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: nested too deeply; a pipeline is a flat mapping of a few levels") from None
 
 
-def load_yaml(path: str | Path) -> dict:
-    """Read a pipeline file (plain YAML only: python tags, duplicate keys and alias bombs are refused)."""
+def load_yaml(path: str | Path, what: str = "pipeline",
+              shape: str = "a YAML mapping with 'inputs', 'stages' and 'output_dir'") -> dict:
+    """Read a pipeline file (plain YAML only: python tags, duplicate keys and alias bombs are refused).
+
+    ``what`` names the kind of file in errors (``"training config"`` for ``qsmkit train``) and
+    ``shape`` says what its top level must be.
+    """
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"pipeline {p} is a folder; give a YAML pipeline file")
+        raise ConfigError(f"{what} {p} is a folder; give a YAML {what} file")
     if not p.is_file():
-        raise ConfigError(f"pipeline file not found: {p}")
+        raise ConfigError(f"{what} file not found: {p}")
     if p.stat().st_size > MAX_BYTES:
-        raise ConfigError(f"{p}: larger than {MAX_BYTES // 1024} kB; a pipeline file is a short YAML mapping")
+        raise ConfigError(f"{p}: larger than {MAX_BYTES // 1024} kB; a {what} file is a short YAML mapping")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{p}: not a text file; give a YAML pipeline") from None
+        raise ConfigError(f"{p}: not a text file; give a YAML {what}") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot be read ({exc.strerror}); check its permissions") from None
     data = parse_yaml(text, str(p))
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a pipeline must be a YAML mapping with 'inputs', 'stages' and 'output_dir'")
+        raise ConfigError(f"{p}: a {what} must be {shape}")
     return data
 
 

@@ -45,15 +45,17 @@ The package, read in the order the data flows:
 * :mod:`.acquisition`: the options checked and turned into the acquisition geometry;
 * :mod:`.forward`: the forward model (fine grid, fields, signal, noise);
 * :mod:`.phantom`: :class:`Phantom` and :func:`simulate_phantom` / :func:`simulate_orientations`,
-  which run those steps in order.
+  which run those steps in order, and :func:`simulate_susceptibility` (the chi truth only, for
+  training learned inverters).
 """
 
 from __future__ import annotations
 
 from .acquisition import DEFAULT_ECHO_TIMES, DEFAULT_SHAPE, DEFAULT_VOXEL_SIZE, rotation_matrix
 from .head import BRAIN_LABELS, CHI_AIR, HAEMATOMA_TISSUE, LABELS, PHASE_OFFSETS, TISSUES
-from .phantom import PHANTOM_FILES, Phantom, simulate_orientations, simulate_phantom
+from .phantom import PHANTOM_FILES, Phantom, simulate_orientations, simulate_phantom, simulate_susceptibility
 
 __all__ = ["LABELS", "TISSUES", "BRAIN_LABELS", "CHI_AIR", "Phantom", "simulate_phantom",
            "simulate_orientations", "rotation_matrix", "DEFAULT_SHAPE", "DEFAULT_VOXEL_SIZE",
-           "DEFAULT_ECHO_TIMES", "PHANTOM_FILES", "HAEMATOMA_TISSUE", "PHASE_OFFSETS"]
+           "DEFAULT_ECHO_TIMES", "PHANTOM_FILES", "HAEMATOMA_TISSUE", "PHASE_OFFSETS",
+           "simulate_susceptibility"]

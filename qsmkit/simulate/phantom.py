@@ -20,7 +20,7 @@ from .forward import (_add_noise, _apply_bipolar, _fields, _fine_grid, _output_l
                       _tissue_tables, bipolar_phase)
 from .head import _ID, LABELS, PHASE_OFFSETS, TISSUES, _HAEMATOMA_C, _Head, _make_anatomy
 
-__all__ = ["PHANTOM_FILES", "Phantom", "simulate_phantom", "simulate_orientations"]
+__all__ = ["PHANTOM_FILES", "Phantom", "simulate_phantom", "simulate_orientations", "simulate_susceptibility"]
 
 
 #: the files :meth:`Phantom.write` writes
@@ -319,3 +319,62 @@ def simulate_orientations(rotations_deg: Sequence[Sequence[float]], **kwargs: An
         raise ParameterError("simulate_orientations: pass rotations in rotations_deg, not rotation_deg")
     seed = int(kwargs.pop("seed", 0))
     return [simulate_phantom(rotation_deg=r, seed=seed + i, **kwargs) for i, r in enumerate(rots)]
+
+
+def simulate_susceptibility(shape: Sequence[int] = DEFAULT_SHAPE,
+                            voxel_size: Sequence[float] = DEFAULT_VOXEL_SIZE,
+                            rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
+                            oversample: int = 2,
+                            *,
+                            affine: np.ndarray | None = None,
+                            anatomy_seed: int = 0,
+                            gyral_period: float = 0.21,
+                            fov_fraction: float = 0.84,
+                            head_semi_axes_mm: Sequence[float] | None = None,
+                            chi_overrides: Mapping[str, float] | None = None,
+                            haemorrhage: bool = False,
+                            chunk_voxels: int = 4_000_000) -> dict[str, Volume]:
+    """The phantom's susceptibility truth only (no fields, no signal): for training learned inverters.
+
+    The same head model as :func:`simulate_phantom` (same options, same labels and tissue
+    values; chi is the block mean over ``oversample^3`` fine points of the chi inside the brain
+    mask, zero outside the mask), without the dipole fields and the multi-echo signal, so that
+    it costs a fraction of a full simulation. ``gyral_period`` (brain-radius units, default
+    0.21 as in :func:`simulate_phantom`) changes the cortical folding scale; with the defaults
+    the ``chi`` and ``mask`` equal :func:`simulate_phantom`'s truth bit for bit.
+
+    Returns
+    -------
+    dict
+        ``chi`` (ppm relative to CSF, float32), ``mask`` (bool) and ``labels`` (uint8) Volumes,
+        B0 along world z.
+    """
+    acq = _acquisition(shape, voxel_size, DEFAULT_ECHO_TIMES, 3.0, (0.0, 0.0, 1.0), affine, rotation_deg, None,
+                       oversample, 1.5, fov_fraction, head_semi_axes_mm)
+    if not (0.02 <= float(gyral_period) <= 2.0):
+        raise ParameterError(f"simulate: gyral_period must lie in [0.02, 2] (brain radii), got {gyral_period!r}")
+    _, _, haemorrhage = _check_contrast_options("smooth", 0.0, haemorrhage)
+    head = _Head(acq.S, _make_anatomy(anatomy_seed, gyral_period=float(gyral_period)),
+                 min_vein_radius_mm=0.6 * float(acq.vs.max()), phase_offset="none", haematoma=haemorrhage)
+    _, chi_lut, _, _, in_brain = _tissue_tables(chi_overrides, 3.0, haemorrhage)
+    sample = _Sampler(head, acq)
+    fshape = tuple(s * acq.os_ for s in acq.shape)
+    fine_idx = [((np.arange(n) + 0.5) / acq.os_ - 0.5) for n in fshape]
+    chi_f = np.empty(fshape, np.float32)
+    step = max(acq.os_, (max(1, chunk_voxels // (fshape[1] * fshape[2])) // acq.os_) * acq.os_)
+    for a in range(0, fshape[0], step):
+        b = min(a + step, fshape[0])
+        lab, _ = sample(fine_idx[0][a:b], fine_idx[1], fine_idx[2], False)
+        chi_f[a:b] = chi_lut[lab] * in_brain[lab]
+    from .forward import _block_mean
+
+    chi = _block_mean(chi_f, acq.os_)
+    del chi_f
+    labels, mask = _output_labels(sample, acq.shape, chunk_voxels, in_brain)
+    chi *= mask
+
+    def vol(data, units, **m):
+        return Volume(data, acq.A, units=units, b0_direction=acq.b_vox, meta={"simulated": True, **m})
+
+    return {"chi": vol(chi, "ppm", reference="csf"), "mask": vol(mask, "bool"),
+            "labels": vol(labels, "label", labels={int(k): v for k, v in LABELS.items()})}
