@@ -84,7 +84,9 @@ def zero_filled_coils(kspace, crop: Sequence[int] | None = None, mask=None):
     rs = _crop_slice(H, None if crop is None else int(crop[0]))
     cs = _crop_slice(W, None if crop is None else int(crop[1]))
     if mask is not None:
-        used = torch.broadcast_to(mask != 0, (1, 1, 1, W) if mask.shape[-2] == 1 else mask.shape[:-2] + (H, W))
+        used = mask != 0  # any layout whose last axis is W (or 1): (1, W), (S, 1, W), (H, W), (S, 1, H, W)
+        if used.shape[-1] != W:
+            used = torch.broadcast_to(used, used.shape[:-1] + (W,))
         cols = torch.nonzero(used.reshape(-1, W).any(0)).squeeze(-1)
     else:
         cols = torch.nonzero((kspace != 0).reshape(-1, W).any(0)).squeeze(-1)

@@ -81,6 +81,9 @@ def test_zero_filled_coils_equals_cropped_ifft(crop):
     np.testing.assert_allclose(zero_filled_coils(k, crop).numpy(), ref.numpy(), atol=1e-5)
     m = (k != 0).any(0, keepdim=True).any(1, keepdim=True)[..., :1, :].float()
     np.testing.assert_allclose(zero_filled_coils(k, crop, m).numpy(), ref.numpy(), atol=1e-5)
+    per_slice = (k != 0).any(1).any(1, keepdim=True)  # (S, 1, W): one column mask per slice
+    np.testing.assert_allclose(zero_filled_coils(k, crop, per_slice).numpy(), ref.numpy(), atol=1e-5)
+    np.testing.assert_allclose(zero_filled_coils(k, crop, m[0, 0]).numpy(), ref.numpy(), atol=1e-5)  # (1, W)
 
 
 @pytest.mark.parametrize("shape", [(15, 12), (16, 13), (15, 13)])
