@@ -193,6 +193,32 @@ def _config_differences(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
     return diffs
 
 
+def _restore(last: Path, method: str, config: Mapping, resume_ignore: Iterable[str], model, optimizer, scheduler,
+             ema: EMA | None) -> tuple[list[dict], int]:
+    """Load ``last.pt`` into the model, optimiser, scheduler and EMA; returns (history, first epoch to run)."""
+    from .checkpoints import load_checkpoint, load_weights
+
+    ckpt = load_checkpoint(last, method, need_training=True)
+    diffs = [d for d in _config_differences(ckpt["config"], config) if d not in set(resume_ignore)]
+    if diffs:
+        raise ConfigError(f"--resume: the config differs from the one {last} was trained with "
+                          f"({', '.join(diffs[:4])}); resume with the same config or start a new folder")
+    tr = ckpt["training"]
+    load_weights(model, ckpt["model"], last)
+    try:
+        optimizer.load_state_dict(tr["optimizer"])
+        if scheduler is not None and tr.get("scheduler") is not None:
+            scheduler.load_state_dict(tr["scheduler"])
+        if ema is not None:
+            if tr.get("ema") is None:
+                raise KeyError("ema")
+            ema.load_state_dict(tr["ema"])
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"--resume: {last} does not hold this run's optimiser/EMA state ({exc}); "
+                              f"start a new folder") from None
+    return list(tr.get("history", [])), int(tr["epoch"]) + 1
+
+
 def fit(*, method: str, model, arch: Mapping, config: Mapping, out_dir: str | Path, epochs: int, seed: int,
         optimizer, train_batches: Callable[[int, Any], Iterable], loss_fn: Callable[[Any, Any], Any],
         scheduler=None, validate: Callable[[Any], Mapping[str, float]] | None = None,
@@ -240,7 +266,7 @@ def fit(*, method: str, model, arch: Mapping, config: Mapping, out_dir: str | Pa
     import torch
 
     from . import __version__
-    from .checkpoints import load_checkpoint, load_weights, save_checkpoint, to_plain
+    from .checkpoints import save_checkpoint, to_plain
     from .io.atomic import write_json
     from .progress import progress
 
@@ -252,26 +278,7 @@ def fit(*, method: str, model, arch: Mapping, config: Mapping, out_dir: str | Pa
     history: list[dict] = []
     start = 1
     if last is not None:
-        ckpt = load_checkpoint(last, method, need_training=True)
-        diffs = [d for d in _config_differences(ckpt["config"], config) if d not in set(resume_ignore)]
-        if diffs:
-            raise ConfigError(f"--resume: the config differs from the one {last} was trained with "
-                              f"({', '.join(diffs[:4])}); resume with the same config or start a new folder")
-        tr = ckpt["training"]
-        load_weights(model, ckpt["model"], last)
-        try:
-            optimizer.load_state_dict(tr["optimizer"])
-            if scheduler is not None and tr.get("scheduler") is not None:
-                scheduler.load_state_dict(tr["scheduler"])
-            if ema is not None:
-                if tr.get("ema") is None:
-                    raise KeyError("ema")
-                ema.load_state_dict(tr["ema"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"--resume: {last} does not hold this run's optimiser/EMA state ({exc}); "
-                                  f"start a new folder") from None
-        history = list(tr.get("history", []))
-        start = int(tr["epoch"]) + 1
+        history, start = _restore(last, method, config, resume_ignore, model, optimizer, scheduler, ema)
         if start > epochs:
             log(f"{method}: {last} already finished epoch {start - 1} of {epochs}; nothing to do")
             return history
