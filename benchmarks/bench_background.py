@@ -35,6 +35,11 @@ below it. Columns (NRMSE in %, ``qsmkit.metrics.nrmse(reference, estimate, mask)
   idle cores when the machine is shared), ``peak_rss_mib`` (of the fresh process, inputs included).
 
 ``--threads`` limits the FFT/BLAS/torch threads (issue 17: 2 cores).
+
+GPU rows (issue 20): PDF is the one torch method; when torch sees CUDA (``--device auto``, the
+default) ``pdf`` and ``pdf-uniform`` get a ``... (cuda)`` row each, timed in the same fresh-process
+way (CUDA start-up included in ``seconds``, not in ``solve_s``, the call itself), with ``gpu_peak_mib``
+from ``torch.cuda.max_memory_allocated``; their MEDI columns are left out (the CPU row has them).
 """
 
 from __future__ import annotations
@@ -98,14 +103,21 @@ def _methods(d, threads: int) -> dict:
     b0, nw = tuple(float(v) for v in d["b0"]), d["noise_weight"]
     return {"vsharp": vsharp, "sharp": sharp, "resharp": resharp, "ismv": ismv, "lbv": lbv,
             "pdf": lambda f, m, vs: pdf(f, m, vs, b0, nw), "pdf-uniform": lambda f, m, vs: pdf(f, m, vs, b0),
-            "lbv-peel1": lambda f, m, vs: lbv(f, m, vs, peel=1)}
+            "lbv-peel1": lambda f, m, vs: lbv(f, m, vs, peel=1),
+            "pdf (cuda)": lambda f, m, vs: pdf(f, m, vs, b0, nw, device="cuda"),
+            "pdf-uniform (cuda)": lambda f, m, vs: pdf(f, m, vs, b0, device="cuda")}
 
 
-def _table(d, methods: list[str], threads: int, run_medi: bool, title: str) -> None:
+#: methods that run torch and get a GPU row when CUDA is available
+TORCH_METHODS = ("pdf", "pdf-uniform")
+
+
+def _table(d, methods: list[str], threads: int, run_medi: bool, title: str, devices=("cpu",)) -> None:
     import numpy as np
     import scipy.fft as sfft
     import torch
 
+    from _gpu import gpu_peak_mib
     from _measure import measure, table
     from qsmkit.metrics import nrmse
     from qsmkit_bgremove import harmonic_limit
@@ -119,18 +131,23 @@ def _table(d, methods: list[str], threads: int, run_medi: bool, title: str) -> N
         return {"_local": harmonic_limit(loc, m, vs), "_kept": m}
 
     rows, fields = [], {}
-    for name in ["harmonic-limit"] + methods:
+    gpu = [f"{n} (cuda)" for n in methods if n in TORCH_METHODS] if "cuda" in devices else []
+    for name in ["harmonic-limit"] + methods + gpu:
         fn = fns.get(name)
 
-        def run(fn=fn):
+        def run(fn=fn, dev="cuda" if name.endswith("(cuda)") else "cpu"):
+            if dev == "cuda":  # CUDA context and cuFFT start-up: in seconds, not in solve_s
+                torch.fft.fftn(torch.zeros((8, 8, 8), device=dev)).sum().item()
+            t0 = time.perf_counter()
             with sfft.set_workers(threads):
                 lo, e = fn(tot, m, vs)
-            return {"_local": lo, "_kept": e}
+            return {"_local": lo, "_kept": e, "solve_s": time.perf_counter() - t0,
+                    **{k.replace(" ", "_").lower(): v for k, v in gpu_peak_mib(dev).items()}}
 
         r = measure(run_limit if name == "harmonic-limit" else run)
         fields[name] = (r.pop("_local"), r.pop("_kept"))
         rows.append({"method": name, **r})
-        print(f"{name}: {r['seconds']:.1f} s", flush=True)
+        print(f"{name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU s)", flush=True)
 
     hl = fields["harmonic-limit"][0]
     for row in rows:
@@ -138,14 +155,15 @@ def _table(d, methods: list[str], threads: int, run_medi: bool, title: str) -> N
         hl_e = hl if np.array_equal(e, m) else harmonic_limit(loc, e, vs)
         row.update(nrmse_own=nrmse(loc, lo, e), nrmse_given=nrmse(loc, lo, m), kept=float(e.sum() / m.sum()),
                    vs_hl_own=nrmse(hl_e, lo, e), vs_hl_given=nrmse(hl, lo, m), hl_own=nrmse(loc, hl_e, e))
-        if run_medi:
+        if run_medi and not row["method"].endswith("(cuda)"):
             row.update(_medi_scores(d, lo, e, threads))
             print(f"{row['method']}: chi NRMSE {row['chi_given']:.1f} % (given mask) after MEDI "
                   f"({row['medi_seconds']:.0f} s)", flush=True)
     cols = ["method", "nrmse_own", "nrmse_given", "kept", "vs_hl_own", "vs_hl_given", "hl_own"]
     cols += ["chi_given", "chi_own"] if run_medi else []
-    cols += ["seconds", "cpu_seconds", "peak_rss_mib"]
-    print(f"\n{title}: shape {m.shape}, voxel {vs} mm, {int(m.sum())} mask voxels, {threads} threads")
+    cols += ["seconds", "solve_s", "cpu_seconds", "peak_rss_mib"] + (["gpu_peak_mib"] if gpu else [])
+    print(f"\n{title}: shape {m.shape}, voxel {vs} mm, {int(m.sum())} mask voxels, {threads} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(table(rows, cols))
 
 
@@ -173,6 +191,8 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="npz file to reuse the simulated inputs")
     ap.add_argument("--methods", default="vsharp,sharp,resharp,ismv,lbv,lbv-peel1,pdf,pdf-uniform")
     ap.add_argument("--no-medi", action="store_true", help="skip the chi-after-MEDI columns")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "both"),
+                    help="auto / both: GPU rows for PDF when torch sees CUDA; cpu: none")
     ap.add_argument("--no-head", action="store_true", help="skip the whole-head table")
     ap.add_argument("--default-phantom", action="store_true",
                     help="also the simulator's default phantom (112 x 128 x 96 at 1.5 mm; acceptance 2)")
@@ -181,14 +201,17 @@ def main() -> None:
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(a.threads)
     methods = [s for s in a.methods.split(",") if s]
+    from _gpu import devices as _devices
+
+    devices = _devices(a.device)
     if a.default_phantom:
         from qsmkit.simulate import DEFAULT_SHAPE, DEFAULT_VOXEL_SIZE
 
         d = _inputs(DEFAULT_SHAPE, float(DEFAULT_VOXEL_SIZE[0]), 2, a.default_cache)
-        _table(d, methods, a.threads, not a.no_medi, "default phantom (oversample 2)")
+        _table(d, methods, a.threads, not a.no_medi, "default phantom (oversample 2)", devices)
     if not a.no_head:
         d = _inputs(tuple(int(v) for v in a.shape.split(",")), a.voxel, a.oversample, a.cache)
-        _table(d, methods, a.threads, not a.no_medi, f"whole head (oversample {a.oversample})")
+        _table(d, methods, a.threads, not a.no_medi, f"whole head (oversample {a.oversample})", devices)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ fraction of the evaluation mask the chain's final mask keeps.
   (acceptance 2: within 2 percentage points for the new mask + ROMEO + nonlinear fit);
 * ``seconds``, ``cpu_seconds``, ``peak_rss_mib``: the whole pipeline run (MEDI included).
 
+Every row runs with the pipeline's ``device: cpu``. When torch sees CUDA (``--device auto``, the
+default) the reference rows run once more with ``device: cuda`` (issue 20; ``device`` column
+``cuda``: PDF and MEDI, the torch stages, on the GPU; CUDA start-up included as in a
+``qsmkit run``), with ``gpu_peak_mib`` (``torch.cuda.max_memory_allocated``).
+
 The default set is 20 pipelines (2 masks x 2 backgrounds x (1 reference + 2 unwrappers x 2 fits)),
 about 15 min on 2 shared cores. A method that is not registered (e.g. written by another plugin later) is skipped with a note,
 so the script can be rerun as methods land. Timings on a shared machine are upper bounds; the
@@ -111,7 +116,7 @@ def _spec(info: dict, row: dict, new_mask_file: str | None) -> dict:
                                                                                           / "unused_out")}
 
 
-def _run_pipeline(spec: dict, threads: int) -> dict:
+def _run_pipeline(spec: dict, threads: int, device: str = "cpu") -> dict:
     import numpy as np
     import scipy.fft as sfft
     import torch
@@ -121,12 +126,16 @@ def _run_pipeline(spec: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     reg = load_registry()
-    plan = build_plan(spec, reg)
+    plan = build_plan({**spec, "device": device}, reg)
     with sfft.set_workers(threads):
         res = run_plan(plan, reg, log=lambda m: None, write=False)
     a = res.artifacts
-    return {"_chi": np.asarray(a["chi"].data, np.float32), "_local": np.asarray(a["local_field"].data, np.float32),
-            "_mask": np.asarray(a["mask"].data) > 0}
+    out = {"_chi": np.asarray(a["chi"].data, np.float32), "_local": np.asarray(a["local_field"].data, np.float32),
+           "_mask": np.asarray(a["mask"].data) > 0}
+    from _gpu import gpu_peak_mib
+
+    out.update({k.replace(" ", "_").lower(): v for k, v in gpu_peak_mib(device).items()})
+    return out
 
 
 def _new_mask(info: dict, kind: str) -> str | None:
@@ -177,12 +186,15 @@ def main() -> None:
     ap.add_argument("--voxel", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="folder for the phantom files (reused between runs)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "both"),
+                    help="auto / both: the reference rows once more on CUDA when torch sees a GPU")
     a = ap.parse_args()
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(a.threads)
 
     import numpy as np
 
+    from _gpu import devices as _devices
     from _measure import measure, table
     from qsmkit.io import load_nifti
     from qsmkit_mask import erode_mm
@@ -220,12 +232,15 @@ def main() -> None:
                 for f in fits:
                     if avail[("unwrap", u)] and avail[("echo_combine", f)]:
                         plan.append(({"mask": mk, "unwrap": u, "fit": f, "background": bg, "mcpc": a.mcpc}, new_file))
+    if "cuda" in _devices(a.device):  # GPU rows: the reference rows (pdf / medi are the torch stages)
+        plan += [(dict(row, device="cuda"), f) for row, f in plan if row["unwrap"] == "truth"]
     ref = {}
     for row, new_file in plan:
-        label = f"{row['mask']}/{row['unwrap']}/{row['fit']}/{row['background']}"
+        dev = row.get("device", "cpu")
+        label = f"{row['mask']}/{row['unwrap']}/{row['fit']}/{row['background']}" + ("" if dev == "cpu" else f" [{dev}]")
         spec = _spec(info, row, new_file)
         try:
-            r = measure(lambda spec=spec: _run_pipeline(spec, a.threads))
+            r = measure(lambda spec=spec, dev=dev: _run_pipeline(spec, a.threads, dev))
         except Exception as exc:            # a method that fails is reported, the table goes on
             notes.append(f"{label}: failed: {type(exc).__name__}: {exc}")
             continue
@@ -234,17 +249,21 @@ def main() -> None:
         chi_e = _demeaned(chi_t, np.where(keep, chi, 0.0), ev)
         loc_e = _demeaned(loc_t, np.where(keep, lo, 0.0), ev)
         out = {"mask": row["mask"], "unwrap": row["unwrap"], "fit": row["fit"], "background": row["background"],
-               "chi": chi_e, "local": loc_e, "kept": float(keep.sum() / ev.sum()), **r}
-        if row["unwrap"] == "truth":
+               "device": dev, "chi": chi_e, "local": loc_e, "kept": float(keep.sum() / ev.sum()), **r}
+        if row["unwrap"] == "truth" and dev == "cpu":
             ref[(row["mask"], row["background"])] = chi_e
         out["d_chi"] = chi_e - ref[(row["mask"], row["background"])] if (row["mask"], row["background"]) in ref else ""
         rows.append(out)
-        print(f"{label}: chi {chi_e:.2f} %, local {loc_e:.2f} %, {r['seconds']:.0f} s", flush=True)
+        print(f"{label}: chi {chi_e:.2f} %, local {loc_e:.2f} %, {r['seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s)",
+              flush=True)
     print(f"\nfront end on the phantom {tuple(info['shape'])} at {info['voxel']:g} mm (phase_offset "
           f"{a.phase_offset}{', haemorrhage' if a.haemorrhage else ''}{', MCPC-3D-S' if a.mcpc else ''}); "
-          f"evaluation mask: true mask eroded by {a.eval_erode_mm:g} mm, {int(ev.sum())} voxels; {a.threads} threads")
-    print(table(rows, ["mask", "unwrap", "fit", "background", "chi", "d_chi", "local", "kept", "seconds",
-                       "cpu_seconds", "peak_rss_mib"]))
+          f"evaluation mask: true mask eroded by {a.eval_erode_mm:g} mm, {int(ev.sum())} voxels; {a.threads} threads; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    gpu = any(r["device"] != "cpu" for r in rows)
+    print(table(rows, ["mask", "unwrap", "fit", "background"] + (["device"] if gpu else []) +
+                ["chi", "d_chi", "local", "kept", "seconds", "cpu_seconds", "peak_rss_mib"] +
+                (["gpu_peak_mib"] if gpu else [])))
     for n in notes:
         print(f"note: {n}")
 

@@ -21,6 +21,11 @@ chi NRMSE (%) against the truth, demeaned, over: ``own`` = truth mask & the row'
 metrics.json reports for a simulated input), ``common`` = truth mask & every row's mask (the same
 voxels for all rows: the fair comparison). Wall and CPU seconds and peak RSS are per pipeline;
 the load average is printed because the machine may be shared.
+
+Every row runs with the pipeline's ``device: cpu``; when torch sees CUDA (``--device auto``, the
+default) each row is repeated with ``device: cuda`` (issue 20; rows ``... [cuda]``: the torch stages
+coil_combine/sense, pdf and medi on the GPU, CUDA start-up included in the wall time as in a
+``qsmkit run``), with ``GPU MiB`` = ``torch.cuda.max_memory_allocated`` of that run.
 """
 
 from __future__ import annotations
@@ -36,23 +41,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _gpu import devices as _devices, gpu_peak_mib  # noqa: E402
 from _measure import measure, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "gre_kspace_to_qsm.yaml"
 
 
-def _run(spec: dict, out: Path) -> dict:
+def _run(spec: dict, out: Path, device: str = "cpu") -> dict:
     from qsmkit.pipeline import run_plan
     from qsmkit.pipeline.plan import build_plan
     from qsmkit.plugins import load_registry
 
     reg = load_registry()
-    plan = build_plan(spec, reg, PIPELINE, out)
+    plan = build_plan({**spec, "device": device}, reg, PIPELINE, out)
     res = run_plan(plan, reg, log=lambda m: None)
     stages = {f"{s['stage']}/{s['method']}": s.get("duration_s") for s in res.provenance["stages"]}
-    return {"chi": res.artifacts["chi"].data.astype(np.float32), "mask": res.artifacts["mask"].data > 0,
-            "total_field": res.artifacts["total_field"].data.astype(np.float32), "stage_s": stages}
+    out = {"chi": res.artifacts["chi"].data.astype(np.float32), "mask": res.artifacts["mask"].data > 0,
+           "total_field": res.artifacts["total_field"].data.astype(np.float32), "stage_s": stages}
+    out.update(gpu_peak_mib(device))
+    return out
 
 
 def main() -> None:
@@ -62,7 +70,11 @@ def main() -> None:
     ap.add_argument("--coils", type=int, default=8)
     ap.add_argument("--snr", type=float, default=100.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "both"),
+                    help="auto / both: also every row on CUDA when torch sees a GPU")
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all)")
     args = ap.parse_args()
+    devices = _devices(args.device)
     shape = tuple(int(s) for s in args.shape.split(","))
     vs = tuple(float(s) for s in args.voxel_size.split(","))
 
@@ -107,12 +119,18 @@ def main() -> None:
         "kspace sense 2x poisson": kspace_spec(sense, {"stage": "undersample", "method": "gre", "params": {
             "pattern": "poisson", "acceleration": 2, "calib": [24, 24]}}),
     }
+    if args.rows:
+        keep = [r.strip() for r in args.rows.split(",")]
+        rows_spec = {k: v for k, v in rows_spec.items() if k in keep}
     results = {}
-    for name, spec in rows_spec.items():
-        out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
-        results[name] = measure(lambda spec=spec, out=out: _run(spec, out))
-        results[name]["load"] = open("/proc/loadavg").read().split()[0]
-        print(f"  {name}: {results[name]['seconds']:.1f} s", file=sys.stderr, flush=True)
+    for dev in devices:
+        for name0, spec in rows_spec.items():
+            name = name0 if dev == "cpu" else f"{name0} [{dev}]"
+            out = work / f"{name0.replace(' ', '_').replace('(', '').replace(')', '')}-{dev}"
+            results[name] = measure(lambda spec=spec, out=out, dev=dev: _run(spec, out, dev))
+            results[name]["load"] = open("/proc/loadavg").read().split()[0]
+            print(f"  {name}: {results[name]['seconds']:.1f} s ({results[name]['cpu_seconds']:.1f} CPU s)",
+                  file=sys.stderr, flush=True)
     common = tmask.copy()
     for r in results.values():
         common &= r["mask"]
@@ -125,7 +143,8 @@ def main() -> None:
         rows.append({"pipeline": name, "chi NRMSE own %": e_own["nrmse"], "chi NRMSE common %": e_com["nrmse"],
                      "chi HFEN common %": e_com["hfen"], "total field NRMSE common %": f_com,
                      "mask voxels": int(r["mask"].sum()), "wall s": r["seconds"], "CPU s": r["cpu_seconds"],
-                     "peak MiB": r["peak_rss_mib"], "coil_combine s": r["stage_s"].get("coil_combine/sense")
+                     "peak MiB": r["peak_rss_mib"], "GPU MiB": r.get("gpu_peak_mib", ""),
+                     "coil_combine s": r["stage_s"].get("coil_combine/sense")
                      or r["stage_s"].get("coil_combine/aspire") or "", "load": r["load"]})
     ref = rows[0]["chi NRMSE common %"]
     for row in rows:
@@ -135,7 +154,7 @@ def main() -> None:
           f"{t_sim:.1f} s; common region {int(common.sum())} voxels of the {int(tmask.sum())}-voxel true mask")
     print(table(rows, ["pipeline", "chi NRMSE common %", "vs coil-free pp", "chi NRMSE own %", "chi HFEN common %",
                        "total field NRMSE common %", "mask voxels", "coil_combine s", "wall s", "CPU s", "peak MiB",
-                       "load"]))
+                       "GPU MiB", "load"]))
     print(f"load average at the end: {open('/proc/loadavg').read().strip()}")
 
 

@@ -31,6 +31,11 @@ both demeaned there; ``vs MEDI pts`` is the difference to MEDI from the true loc
 ``speed-up`` MEDI's solve s over the method's. Replaces ``bench_inversion_tv.py`` (its table is
 the tkd / tv / rts / medi rows; goal there: tv and rts within 3 NRMSE points of MEDI, >= 3x faster).
 Issue 17 goals: tfi below ``pdf_medi`` and ``medi_hf``; tfi <= 90 s and <= 6 GB on 2 cores at 1 mm.
+
+GPU rows (issue 20): with ``--device auto`` (default) every torch method (all but ``tkd``) gets a
+``cuda`` row after its ``cpu`` row when torch sees a GPU; CUDA is started and cuFFT warmed up before
+the clock, ``solve s`` stops after ``torch.cuda.synchronize()``, and ``gpu peak MiB`` is
+``torch.cuda.max_memory_allocated``. ``vs MEDI pts`` and ``speed-up`` compare with MEDI on the same device.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _gpu import devices as _devices  # noqa: E402
 from _measure import measure, table  # noqa: E402
 
 ALL = ("tkd", "tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "dip")
@@ -70,11 +76,20 @@ def _inputs(shape, voxel: float, cache: str | None) -> dict:
     return d
 
 
-def _run(method: str, d: dict, args) -> dict:
-    """One method on the inputs ``d`` (in the child process); returns chi and notes."""
+#: the methods that run torch on ``--device`` (TKD is numpy-only: CPU rows only)
+TORCH_METHODS = ("tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "dip")
+
+
+def _run(method: str, d: dict, args, device: str = "cpu") -> dict:
+    """One method on the inputs ``d`` on ``device`` (in the child process); returns chi and notes."""
     import torch
 
     torch.set_num_threads(args.threads)
+    if device == "cuda":  # CUDA context and cuFFT start-up outside the timing
+        torch.zeros(8, device="cuda").sum().item()
+        torch.fft.fftn(torch.zeros((8, 8, 8), device="cuda"))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     m, vs, b0 = d["mask"], tuple(float(v) for v in d["voxel_size"]), d["b0"]
     acq = dict(field_strength=float(d["field_strength"]), echo_times=d["echo_times"])
     t = time.perf_counter()
@@ -86,12 +101,12 @@ def _run(method: str, d: dict, args) -> dict:
     elif method == "tv":
         from qsmkit_tv import tv_admm
 
-        chi, i = tv_admm(d["local"], m, vs, b0, device=args.device, return_info=True)
+        chi, i = tv_admm(d["local"], m, vs, b0, device=device, return_info=True)
         info = f"{i['n_iter']} it"
     elif method == "rts":
         from qsmkit_tv import rts
 
-        chi, i = rts(d["local"], m, vs, b0, device=args.device, return_info=True)
+        chi, i = rts(d["local"], m, vs, b0, device=device, return_info=True)
         info = f"{i['cg_iter']} cg + {i['n_iter']} it"
     elif method in ("medi", "medi_hf", "pdf_medi"):
         from qsmkit_medi import medi
@@ -104,24 +119,30 @@ def _run(method: str, d: dict, args) -> dict:
         elif method == "pdf_medi":
             from qsmkit_bgremove import pdf
 
-            field, mm = pdf(d["total"], m, vs, b0, d["noise_weight"], device=args.device)
-        r = medi(field, mm, vs, b0, d["magnitude"], d["noise_weight"], device=args.device, **acq)
+            field, mm = pdf(d["total"], m, vs, b0, d["noise_weight"], device=device)
+        r = medi(field, mm, vs, b0, d["magnitude"], d["noise_weight"], device=device, **acq)
         chi, info = r.chi, f"{r.n_iter} GN, {sum(r.cg_iters)} cg"
     elif method == "tfi":
         from qsmkit_tfi import tfi
 
-        r = tfi(d["total"], m, vs, b0, None, d["magnitude"], d["noise_weight"], device=args.device, **acq)
+        r = tfi(d["total"], m, vs, b0, None, d["magnitude"], d["noise_weight"], device=device, **acq)
         chi = r.chi
         info = f"{r.n_iter} GN, {sum(r.cg_iters)} cg, grid {'x'.join(map(str, r.work_shape))}, P_b {r.p_background:g}"
     elif method == "dip":
         from qsmkit_dip import dip
 
         out = dip(d["local"], m, vs, b0, noise_weight=d["noise_weight"], iterations=args.dip_iterations,
-                  device=args.device)
+                  device=device)
         chi = out[0] if isinstance(out, tuple) else getattr(out, "chi", out)
     else:
         raise SystemExit(f"unknown method {method}; choose from {', '.join(ALL)}")
-    return {"solve s": time.perf_counter() - t, "chi": np.asarray(chi, np.float32), "info": info}
+    chi = np.asarray(chi, np.float32)
+    out = {"solve s": time.perf_counter() - t, "chi": chi, "info": info}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        out["solve s"] = time.perf_counter() - t
+        out["gpu peak MiB"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
 
 
 def main() -> None:
@@ -129,7 +150,8 @@ def main() -> None:
     ap.add_argument("--shape", default="180,216,180")
     ap.add_argument("--voxel", type=float, default=1.0, help="isotropic voxel edge, mm")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "both"),
+                    help="auto: a CPU row per method, plus a GPU row for the torch methods when torch sees CUDA")
     ap.add_argument("--cache", default=None, help="npz file to reuse the simulated inputs (dip's gets '.dip')")
     ap.add_argument("--methods", default=",".join(ALL))
     ap.add_argument("--dip-iterations", type=int, default=2000)
@@ -139,6 +161,7 @@ def main() -> None:
     shape = tuple(int(s) for s in args.shape.split(","))
     methods = [x.strip() for x in args.methods.split(",") if x.strip()]
     d = _inputs(shape, args.voxel, args.cache)
+    devices = _devices(args.device)
 
     from qsmkit.metrics import nrmse
     import torch  # noqa: F401  (imported before forking: the children time the method, not the import)
@@ -154,23 +177,28 @@ def main() -> None:
         if method == "dip":   # twice the voxel size: DIP's network does not fit a 1 mm head on 2 cores
             dshape = tuple(max(8, s // 2) for s in shape)
             dd = _inputs(dshape, 2 * args.voxel, (args.cache + ".dip.npz") if args.cache else None)
-        res = measure(lambda: _run(method, dd, args))
-        rows.append({"method": method, "voxel mm": float(dd["voxel_size"][0]), "device": args.device,
-                     "threads": args.threads, "seconds": res["seconds"], "solve s": res["solve s"],
-                     "cpu s": res["cpu_seconds"], "peak RSS MiB": res["peak_rss_mib"],
-                     "nrmse %": err(dd, res.pop("chi")), "info": res["info"]})
-        print(f"  {method}: {rows[-1]['nrmse %']:.1f} % in {res['seconds']:.1f} s", flush=True)
-    medi_row = next((r for r in rows if r["method"] == "medi"), None)
-    if medi_row:
-        for r in rows:
-            r["vs MEDI pts"] = r["nrmse %"] - medi_row["nrmse %"]
-            r["speed-up"] = medi_row["solve s"] / r["solve s"]
+        for dev in (devices if method in TORCH_METHODS else [d for d in devices if d == "cpu"] or ["cpu"]):
+            res = measure(lambda: _run(method, dd, args, dev))
+            rows.append({"method": method, "voxel mm": float(dd["voxel_size"][0]), "device": dev,
+                         "threads": args.threads, "seconds": res["seconds"], "solve s": res["solve s"],
+                         "cpu s": res["cpu_seconds"], "peak RSS MiB": res["peak_rss_mib"],
+                         "gpu peak MiB": res.get("gpu peak MiB", ""),
+                         "nrmse %": err(dd, res.pop("chi")), "info": res["info"]})
+            print(f"  {method} ({dev}): {rows[-1]['nrmse %']:.1f} % in {res['seconds']:.1f} s "
+                  f"({res['cpu_seconds']:.1f} CPU s)", flush=True)
+    for dev in devices:
+        medi_row = next((r for r in rows if r["method"] == "medi" and r["device"] == dev), None)
+        if medi_row:
+            for r in rows:
+                if r["device"] == dev:
+                    r["vs MEDI pts"] = r["nrmse %"] - medi_row["nrmse %"]
+                    r["speed-up"] = medi_row["solve s"] / r["solve s"]
     m = d["mask"]
     print(f"inversion on the simulated head {'x'.join(map(str, shape))} at {args.voxel:g} mm ({int(m.sum())} mask "
           f"voxels), {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} (other processes inflate "
           f"the wall time; cpu s / threads ~ idle-machine time)")
     print(table(rows, ["method", "voxel mm", "device", "threads", "seconds", "solve s", "cpu s", "peak RSS MiB",
-                       "nrmse %", "vs MEDI pts", "speed-up", "info"]))
+                       "gpu peak MiB", "nrmse %", "vs MEDI pts", "speed-up", "info"]))
 
 
 if __name__ == "__main__":

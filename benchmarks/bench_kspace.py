@@ -9,7 +9,12 @@ the torch thread count in use (``--threads``, default 2 to match the goals). If 
 (``fft``+``rss``, ``ecalib``, ``pics -l2 -r 0``, ``pics -l1``) on the same data for a
 side-by-side column. SSIM against the fully sampled RSS is printed for each reconstruction.
 
-    python benchmarks/bench_kspace.py [--repeats 3] [--threads 2] [--no-bart]
+    python benchmarks/bench_kspace.py [--repeats 3] [--threads 2] [--no-bart] [--device auto|cpu]
+
+When torch sees CUDA (``--device auto``, the default) the same qsmkit steps run on the GPU too
+(issue 20): the data moved to the device first, one warm-up, then the median of ``--repeats`` runs
+each ended by ``torch.cuda.synchronize()``; columns ``GPU (s)``, ``GPU CPU s`` (host CPU time) and
+``GPU MiB`` (``torch.cuda.max_memory_allocated`` over the timed runs).
 
 Timings on a shared machine are inflated by other processes; compare columns of one run.
 """
@@ -21,6 +26,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +50,41 @@ def _median_time(fn, repeats: int):
         cs.append(time.process_time() - c0)
     LAST_CPU[0] = float(np.median(cs))
     return float(np.median(ts)), out
+
+
+def _gpu_times(ku: np.ndarray, col: np.ndarray, maps: np.ndarray, scale: float, crop, repeats: int) -> dict:
+    """``{step: (median wall s, median host CPU s, peak GPU MiB)}`` of the qsmkit steps on CUDA."""
+    import torch
+
+    from qsmkit_kspace.cs import cs_wavelet
+    from qsmkit_kspace.espirit import espirit_maps
+    from qsmkit_kspace.sense import cg_sense, mask_tensor
+    from qsmkit_kspace.transforms import zero_filled_coils
+
+    dev = torch.device("cuda")
+    kt = torch.from_numpy(ku).to(dev)
+    y = torch.from_numpy(ku / scale).to(dev)
+    mp = torch.from_numpy(maps).to(dev)
+    mt = mask_tensor(col, 1, ku.shape[-2:], dev)
+    steps = {"zero-filled": lambda: torch.sqrt((zero_filled_coils(kt, crop, mt).abs() ** 2).sum(1)),
+             "ESPIRiT": lambda: espirit_maps(ku, col[None], device=dev),
+             "CG-SENSE 30 it": lambda: cg_sense(y, mp, mt, 30, 0.0),
+             "CS FISTA 30 it": lambda: cs_wavelet(y, mp, mt, 0.002, 30, "fista"),
+             "CS POGM 30 it": lambda: cs_wavelet(y, mp, mt, 0.002, 30, "pogm")}
+    out = {}
+    for name, fn in steps.items():
+        fn()  # warm-up: cuFFT plans, kernels
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ts, cs = [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+            cs.append(time.process_time() - c0)
+        out[name] = (float(np.median(ts)), float(np.median(cs)), torch.cuda.max_memory_allocated() / 2 ** 20)
+    return out
 
 
 def _write_cfl(base: Path, arr: np.ndarray) -> None:
@@ -95,7 +136,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-bart", action="store_true")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu"),
+                    help="auto: GPU columns too when torch sees CUDA")
     args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _gpu import cuda_available
+
+    use_gpu = args.device == "auto" and cuda_available()
 
     import torch
 
@@ -146,6 +193,7 @@ def main() -> None:
                      evaluate_volume(ref, center_crop(np.abs(x[:, 0].numpy()), crop) * scale)["ssim"]))
         cpu_s[f"CS {solver.upper()} 30 it"] = LAST_CPU[0]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = _gpu_times(ku, col, maps, scale, crop, args.repeats) if use_gpu else {}
     for name, t, ssim in rows:
         print(f"  qsmkit {name:18s} {t:8.3f} s" + ("" if ssim is None else f"  SSIM {ssim:.4f}"), flush=True)
 
@@ -162,6 +210,8 @@ def main() -> None:
 
     print()
     hdr = f"{'step':18s} {'qsmkit (s)':>10s} {'CPU s':>7s} {'goal (s)':>9s} {'SSIM':>7s}"
+    if gpu:
+        hdr += f" {'GPU (s)':>8s} {'GPU CPU s':>9s} {'GPU MiB':>8s}"
     if bart:
         hdr += f" {'BART (s)':>9s} {'BART SSIM':>9s}"
     print(hdr)
@@ -169,6 +219,9 @@ def main() -> None:
     for name, t, ssim in rows:
         line = (f"{name:18s} {t:10.3f} {cpu_s.get(name, float('nan')):7.2f} {GOALS[name]:9.3f} "
                 f"{'' if ssim is None else f'{ssim:.4f}':>7s}")
+        if gpu:
+            g = gpu[name]
+            line += f" {g[0]:8.4f} {g[1]:9.3f} {g[2]:8.0f}"
         if bart:
             bt = bart.get(name)
             if bt is None:

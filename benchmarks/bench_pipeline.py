@@ -5,6 +5,12 @@
 The phantom is simulated once and written as NIfTI (not timed); the pipeline then runs from those
 files in a fresh process, as `qsmkit run` would. Goal (issue 3): whole pipeline <= 15 s and <= 4 GB
 on 2 cores for ~180 x 216 x 180 x 5.
+
+Each stage row has its wall and CPU seconds (user + system of all threads, measured around the
+stage's ``run`` in the child process). The run's device is set explicitly (``device: cpu``); when
+torch sees CUDA and the pipeline has torch stages (``--pipeline`` with e.g. PDF or MEDI; the TKD
+pipeline has none), the pipeline runs a second time with ``device: cuda`` (issue 20), printed as
+its own table with the peak GPU memory (``torch.cuda.max_memory_allocated``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _gpu import cuda_available  # noqa: E402
 from _measure import measure, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,28 +52,68 @@ def main() -> None:
     del ph
     overrides = [f"inputs.magnitude={files['magnitude']}", f"inputs.phase={files['phase']}",
                  f"inputs.echo_times={tes}", "inputs.field_strength=3.0"]
-    stage_rows: list[dict] = []
+    registry = load_registry()
+    from qsmkit.params import DEVICE
 
-    def run() -> dict:
+    plan0 = load_plan(args.pipeline, registry, overrides, work / "out")
+    has_torch = any(st.run and st.cls.param_map().get("device") == DEVICE for st in plan0.steps)
+    devices = ["cpu"] + (["cuda"] if has_torch and cuda_available() else [])
+
+    def run(device: str) -> dict:
         import resource
 
-        registry = load_registry()
-        plan = load_plan(args.pipeline, registry, overrides, work / "out")
+        cpu_s: list = []
+        depth = [0]
+
+        def timed(orig):
+            def run_stage(self, ctx, p):
+                depth[0] += 1
+                c0 = time.process_time()
+                try:
+                    return orig(self, ctx, p)
+                finally:
+                    depth[0] -= 1
+                    if depth[0] == 0:
+                        cpu_s.append(time.process_time() - c0)
+            return run_stage
+
+        for cls in {st.cls for st in plan0.steps}:  # the child's own classes: CPU time per stage
+            for klass in cls.__mro__:
+                if "run" in vars(klass) and not getattr(vars(klass)["run"], "_timed", False):
+                    wrapped = timed(vars(klass)["run"])
+                    wrapped._timed = True
+                    klass.run = wrapped
+        plan = load_plan(args.pipeline, registry, overrides, work / f"out-{device}")
+        plan.device = device
         result = run_plan(plan, registry, log=lambda m: None)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        return {"stages": [(s["stage"], s["method"], s.get("duration_s")) for s in result.provenance["stages"]],
-                "write_and_load_s": result.provenance["duration_s"] - sum(
-                    s.get("duration_s") or 0 for s in result.provenance["stages"]), "peak": peak}
+        ran = [s for s in result.provenance["stages"] if s.get("duration_s") is not None]
+        out = {"stages": [(s["stage"], s["method"], s.get("duration_s")) for s in result.provenance["stages"]],
+               "stage_cpu": cpu_s if len(cpu_s) == len(ran) else [None] * len(ran),
+               "write_and_load_s": result.provenance["duration_s"] - sum(
+                   s.get("duration_s") or 0 for s in result.provenance["stages"]), "peak": peak}
+        if device == "cuda":
+            import torch
 
-    res = measure(run)
-    for kind, method, dt in res["stages"]:
-        stage_rows.append({"stage": f"{kind}/{method}", "seconds": dt if dt is not None else "skipped"})
-    stage_rows.append({"stage": "load inputs + write outputs", "seconds": res["write_and_load_s"]})
-    stage_rows.append({"stage": "whole pipeline (wall)", "seconds": res["seconds"], "cpu_seconds": res["cpu_seconds"]})
-    print(f"TKD pipeline on a simulated head {'x'.join(map(str, shape))} x {args.echoes} echoes, voxel {vs} mm; "
-          f"{os.cpu_count()} CPUs visible (simulation, not timed below: {t_sim:.1f} s)")
-    print(table(stage_rows, ["stage", "seconds", "cpu_seconds"]))
-    print(f"peak RSS {res['peak_rss_mib']:.0f} MiB; CPU time {res['cpu_seconds']:.1f} s")
+            out["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        return out
+
+    print(f"pipeline {Path(args.pipeline).name} on a simulated head {'x'.join(map(str, shape))} x {args.echoes} "
+          f"echoes, voxel {vs} mm; {os.cpu_count()} CPUs visible (simulation, not timed below: {t_sim:.1f} s)")
+    for device in devices:
+        res = measure(lambda: run(device))
+        stage_rows: list[dict] = []
+        cpus = iter(res["stage_cpu"])
+        for kind, method, dt in res["stages"]:
+            stage_rows.append({"stage": f"{kind}/{method}", "seconds": dt if dt is not None else "skipped",
+                               "cpu_seconds": (next(cpus, None) if dt is not None else "") or ""})
+        stage_rows.append({"stage": "load inputs + write outputs", "seconds": res["write_and_load_s"]})
+        stage_rows.append({"stage": "whole pipeline (wall)", "seconds": res["seconds"],
+                           "cpu_seconds": res["cpu_seconds"]})
+        print(f"\ndevice: {device}; load average {os.getloadavg()[0]:.1f}")
+        print(table(stage_rows, ["stage", "seconds", "cpu_seconds"]))
+        print(f"peak RSS {res['peak_rss_mib']:.0f} MiB; CPU time {res['cpu_seconds']:.1f} s"
+              + (f"; peak GPU memory {res['gpu_peak_mib']:.0f} MiB" if "gpu_peak_mib" in res else ""))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,19 @@ average is printed with each row). Each row is the fastest of ``--repeats`` runs
 
 Settings:
 
-* ``default``: what ``qsmkit run`` does (:func:`qsmkit.threads.prepare_environment`, then per
-  stage the cores other processes leave free);
+* ``default``: what ``qsmkit run`` does (:func:`qsmkit.threads.prepare_environment`: idle workers
+  spin 30 000 rounds, then sleep; then per stage the cores other processes leave free);
+* ``auto-passive``, ``auto-spin3k``, ``auto-spin300k``: the same thread decision with workers that
+  sleep at once (the default before), or spin 3 000 / 300 000 rounds;
 * ``2-spin``: 2 threads, OpenMP's default wait policy (idle workers spin before they sleep): qsmkit
   before issue 20;
 * ``2-passive``: 2 threads, ``OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0``;
 * ``1``: ``OMP_NUM_THREADS=1``.
+
+Stages: ``espirit`` (coil maps, 2 slices 15 x 640 x 368), ``sense`` (CG-SENSE, 30 iterations),
+``cs`` (L1-wavelet FISTA, 30 iterations), ``medi`` (the ``--medi-shape`` head, default parameters),
+``dip`` (30 Adam steps of the default DIP on a 64 x 80 x 64 head at 2.8 mm, no early stop, so
+every setting does the same work).
 
 Columns: stage, setting, threads the engine chose (quiet/loaded), quiet wall s, loaded wall s,
 ratio loaded/quiet, CPU s (this process's user+system time of the fastest run, quiet / loaded),
@@ -43,8 +50,12 @@ SETTINGS = {
     "2-spin": {"QSMKIT_THREADS": "2"},
     "2-passive": {"QSMKIT_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "1": {"OMP_NUM_THREADS": "1"},
+    # the engine's thread decision with other wait policies than the default's 30 000 spin rounds
+    "auto-passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+    "auto-spin3k": {"GOMP_SPINCOUNT": "3000"},
+    "auto-spin300k": {"GOMP_SPINCOUNT": "300000"},
 }
-STAGES = ("espirit", "sense", "cs", "medi")
+STAGES = ("espirit", "sense", "cs", "medi", "dip")
 
 
 # --------------------------------------------------------------------------- inputs (made once, in the parent)
@@ -72,6 +83,12 @@ def make_inputs(folder: Path, medi_shape, medi_voxel: float) -> None:
                  magnitude=mag, noise_weight=nw.astype(np.float32), echo_times=te,
                  field_strength=np.float64(ph.field_strength), affine=ph.magnitude.affine,
                  b0=np.asarray(ph.magnitude.b0_direction))
+    if not (folder / "dip.npz").exists():
+        from qsmkit.simulate import simulate_phantom
+
+        ph = simulate_phantom(shape=(64, 80, 64), voxel_size=(2.8,) * 3, seed=0, oversample=1)
+        np.savez(folder / "dip.npz", field=ph.truth["local_field"].data, mask=ph.truth["mask"].data.astype(bool),
+                 affine=ph.magnitude.affine, b0=np.asarray(ph.magnitude.b0_direction))
 
 
 # --------------------------------------------------------------------------- one measurement (in a child)
@@ -98,6 +115,14 @@ def child(stage: str, folder: Path, repeats: int) -> dict:
                "magnitude": vol(d["magnitude"], "a.u."), "noise_weight": vol(d["noise_weight"], "1/ppm"),
                "echo_times": d["echo_times"], "field_strength": float(d["field_strength"])}
         step = _step(reg, "inversion", "medi", {"device": "cpu"})
+    elif stage == "dip":
+        d = np.load(folder / "dip.npz")
+        aff, b0 = d["affine"], d["b0"]
+        vol = lambda a, u: Volume(a, aff, units=u, b0_direction=b0)  # noqa: E731
+        art = {"local_field": vol(d["field"], "ppm"), "mask": vol(d["mask"], "bool")}
+        # a fixed number of steps (no early stop): the same work in every setting
+        step = _step(reg, "inversion", "dip", {"device": "cpu", "max_iter": 30, "early_stop": False,
+                                               "log_every": 1000})
     else:
         d = np.load(folder / "kspace.npz")
         kd = KSpaceData(d["kspace"], slice_indices=(0, 1), crop_size=(320, 320))
@@ -137,7 +162,7 @@ def measure(stage: str, setting: str, loaded: bool, folder: Path, repeats: int) 
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "QSMKIT_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(SETTINGS[setting])
-    if setting == "default":
+    if setting == "default" or setting.startswith("auto"):
         env["BENCH_PREPARE"] = "1"  # the child calls qsmkit.threads.prepare_environment() as the CLI does
     busy = _busy_loop() if loaded else None
     try:

@@ -17,6 +17,11 @@ number, on ``--threads`` torch threads (default 2). A last row times the U-Net s
 fastMRI-sized slice (15 coils, 640 x 368 k-space, 320 x 320 crop) against the 0.2 s goal.
 
     python benchmarks/bench_unet.py [--slices 16] [--threads 2] [--checkpoint shipped] [--timing-only]
+                                    [--device auto|cpu]
+
+When torch sees CUDA (``--device auto``, the default) the fastMRI-sized timing runs on the GPU too
+(issue 20): one warm-up run, then the median of 3, each stage run ending with the image copied
+to the host (which waits for the GPU), with the peak GPU memory (``torch.cuda.max_memory_allocated``).
 
 The machine may be shared: the load average is printed with the table.
 """
@@ -71,7 +76,16 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="shipped")
     ap.add_argument("--shape", type=int, nargs=2, default=(96, 96))
     ap.add_argument("--timing-only", action="store_true", help="only the fastMRI-sized U-Net timing row")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu"), help="auto: a GPU timing row too when "
+                    "torch sees CUDA")
     args = ap.parse_args()
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _gpu import devices as _devices, synchronize
+
+    devices = _devices(args.device)
 
     from qsmkit.threads import prepare_environment
 
@@ -121,10 +135,16 @@ def main() -> None:
     art = _artifacts(data, col)
     art["kspace"].crop_size = (320, 320)
     art.pop("target")
-    _run(UNetRecon, art, {"checkpoint": args.checkpoint, "device": "cpu"})  # warm-up (loads the weights)
-    times = [_run(UNetRecon, art, {"checkpoint": args.checkpoint, "device": "cpu"}) for _ in range(3)]
-    wall = float(np.median([t[1] for t in times]))
-    cpu = float(np.median([t[2] for t in times]))
+    timing = {}
+    for dev in devices:
+        _run(UNetRecon, art, {"checkpoint": args.checkpoint, "device": dev})  # warm-up (loads the weights)
+        if dev == "cuda":
+            synchronize(dev)
+            torch.cuda.reset_peak_memory_stats()
+        times = [_run(UNetRecon, art, {"checkpoint": args.checkpoint, "device": dev}) for _ in range(3)]
+        timing[dev] = (float(np.median([t[1] for t in times])), float(np.median([t[2] for t in times])),
+                       torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None)
+    wall, cpu, _ = timing["cpu"] if "cpu" in timing else next(iter(timing.values()))
 
     hdr = f"{'case':24s} {'method':34s} {'NMSE':>8s} {'PSNR dB':>8s} {'SSIM':>7s} {'wall s/sl':>10s} {'CPU s/sl':>9s}"
     print(hdr)
@@ -133,6 +153,10 @@ def main() -> None:
         print(f"{case:24s} {name:34s} {nmse:8.4f} {psnr:8.2f} {ssim:7.4f} {w:10.3f} {c:9.3f}")
     print(f"U-Net on one 15-coil 640 x 368 slice (320 x 320 crop): {wall:.3f} s wall, {cpu:.3f} s CPU per slice "
           f"(goal {GOAL_UNET_S} s: {'met' if wall <= GOAL_UNET_S else 'missed'})")
+    for dev, (w, c, g) in timing.items():
+        if dev != "cpu":
+            print(f"U-Net on the same slice on {dev}: {w:.4f} s wall, {c:.3f} s host CPU per slice, "
+                  f"peak GPU memory {g:.0f} MiB")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]

@@ -21,10 +21,15 @@ every parallel operation, so a worker that shares its core with another CPU-boun
 holds up every operation for a scheduler time slice, and idle workers spin on the cores others
 need: two threads slowed ESPIRiT 1.5 s -> 9.9 s beside one CPU-bound process (issue 20), while one
 thread on the free core runs at its single-thread speed. For the same reason
-:func:`prepare_environment` (called by the ``qsmkit`` entry point before torch is imported) makes
-idle OpenMP workers sleep instead of spinning, unless the user set ``OMP_WAIT_POLICY`` /
-``GOMP_SPINCOUNT`` already: on a loaded machine two spinning threads cost ESPIRiT and CG-SENSE
-2.5-3.5x the CPU time of two sleeping ones (``benchmarks/bench_threads.py``).
+:func:`prepare_environment` (called by the ``qsmkit`` entry point before torch is imported) bounds
+how long idle OpenMP workers spin before they sleep (:data:`WAIT_POLICY_ENV`), unless the user set
+``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. Measured with ``benchmarks/bench_threads.py`` on 2
+cores (wall s, quiet / beside one CPU-bound process): libgomp's default spin (300 000 rounds)
+costs ESPIRiT 2.30 / 5.02 and CG-SENSE 2.19 / 4.16 when two threads share a core with another
+process; sleeping at once (``OMP_WAIT_POLICY=PASSIVE``, the previous default) wastes nothing under
+load but makes every wake-up a futex call, 3.92 / 3.42 and 2.21 / 2.82; a short spin of 30 000
+rounds catches the next parallel region of a quiet stage and gives up before it costs a loaded
+one: 2.24 / 3.38 and 1.73 / 2.89 (one thread: 2.32 / 3.21 and 2.96 / 3.21).
 
 Nothing here imports torch: :func:`limited` only touches torch when it is already imported.
 """
@@ -44,11 +49,14 @@ from .errors import ConfigError
 
 __all__ = ["available_cores", "affinity_cores", "cgroup_cpu_limit", "requested_threads", "free_cores",
            "decide_threads", "stage_threads", "limited", "current_threads", "check_threads", "prepare_environment", "set_run_threads",
-           "WAIT_POLICY_ENV", "MIN_WINDOW_S"]
+           "WAIT_POLICY_ENV", "WAIT_POLICY_VARS", "MIN_WINDOW_S"]
 
 #: environment set before torch is imported (:func:`prepare_environment`): idle OpenMP workers
-#: sleep at once instead of spinning for a core another process needs
-WAIT_POLICY_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}
+#: spin 30 000 rounds (tens of microseconds), then sleep, leaving the core to other processes
+WAIT_POLICY_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "30000"}
+
+#: the variables by which a user chooses the wait policy (then :func:`prepare_environment` sets none)
+WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 #: shortest window (s) over which :func:`free_cores` measures the other processes' load
 MIN_WINDOW_S = 0.05
@@ -376,12 +384,11 @@ def current_threads() -> int | None:
 
 
 def prepare_environment(env: dict | None = None) -> dict:
-    """Before torch is imported (the ``qsmkit`` entry point calls this): let idle OpenMP workers
-    sleep (:data:`WAIT_POLICY_ENV`) unless the user set those variables. Returns what was set."""
+    """Before torch is imported (the ``qsmkit`` entry point calls this): bound the spinning of idle
+    OpenMP workers (:data:`WAIT_POLICY_ENV`) unless the user set one of :data:`WAIT_POLICY_VARS`
+    (a wait policy or a spin count is then theirs). Returns what was set."""
     env = os.environ if env is None else env
-    done = {}
-    for k, v in WAIT_POLICY_ENV.items():
-        if k not in env:
-            env[k] = v
-            done[k] = v
-    return done
+    if any(k in env for k in WAIT_POLICY_VARS):  # the user chose a wait policy or a spin count
+        return {}
+    env.update(WAIT_POLICY_ENV)
+    return dict(WAIT_POLICY_ENV)

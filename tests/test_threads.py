@@ -159,10 +159,13 @@ def test_free_cores_reads_proc_stat():
 
 
 def test_prepare_environment_keeps_user_values():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    # a user's wait policy or spin count is a choice of both: neither variable is added to it
+    for user in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(user)
+        assert th.prepare_environment(env) == {} and env == user
+    env = {}
     done = th.prepare_environment(env)
-    assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "OMP_WAIT_POLICY" not in done
-    assert all(env[k] == v for k, v in done.items()) and done
+    assert done == th.WAIT_POLICY_ENV and env == th.WAIT_POLICY_ENV
 
 
 def test_engine_applies_the_stage_ceiling_and_records_it(four_cores, tmp_path):

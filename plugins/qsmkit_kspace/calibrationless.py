@@ -32,8 +32,11 @@ transform along that axis is applied once to the data and the iterations only tr
 the other axis, with unshifted FFTs (:meth:`CoilFourierOp.for_data`): the problem is the same,
 the cost smaller.
 
-Wavelets come from :class:`.cs.Wavelet2D` (PyWavelets ``periodization`` on CPU, ptwt's
-orthogonal boundary-wavelet matrices on CUDA); FFTs are the core centred orthonormal ones.
+Wavelets come from :class:`.cs.Wavelet2D` (the periodic DWT in torch, PyWavelets'
+``periodization`` coefficients, on every device; or ptwt's boundary-wavelet matrices); FFTs are
+torch's orthonormal ones (the core centred ones in :class:`CoilFourierOp`'s centred form). The
+synthesis operator ``A Psi^H`` (:class:`SynthesisOp`) keeps its intermediate images in work
+arrays, so an iteration allocates only the arrays the solver keeps.
 """
 
 from __future__ import annotations
@@ -48,16 +51,12 @@ from qsmkit.operators import Linop, condat_vu, is_torch, power_iteration, proxim
 from .cs import Wavelet2D
 from .transforms import fft2c, ifft2c
 
-__all__ = ["WaveletOp", "CoilFourierOp", "prox_group_lasso", "group_lasso_norm", "oscar_weights", "prox_owl",
+__all__ = ["WaveletOp", "CoilFourierOp", "SynthesisOp", "prox_group_lasso", "group_lasso_norm", "oscar_weights", "prox_owl",
            "owl_norm", "lipschitz", "calibrationless", "REGULARIZERS", "FORMULATIONS", "SOLVERS"]
 
 REGULARIZERS = ("group_lasso", "owl")
 FORMULATIONS = ("synthesis", "analysis")
 SOLVERS = ("fista", "pogm", "condat_vu")
-
-
-#: thread pools of the PyWavelets backend, by size (PyWavelets releases the GIL in its C loops)
-_POOLS: dict = {}
 
 
 def _tensor(x):
@@ -72,20 +71,18 @@ class WaveletOp(Linop):
 
     The coefficients of each image are packed into an ``(H, W)`` array in the usual pyramid
     layout (approximation at the top left; at each level the three detail bands at
-    ``[:h, w:2w]``, ``[h:2h, :w]`` and ``[h:2h, w:2w]``); real and imaginary parts are
-    transformed separately. ``apply`` is the analysis ``Psi``, ``adjoint`` the synthesis
-    ``Psi^H = Psi^-1``. The transform itself is :class:`.cs.Wavelet2D`'s configuration (wavelet
-    check, number of levels, backend) run through PyWavelets or ptwt.
+    ``[:h, w:2w]``, ``[h:2h, :w]`` and ``[h:2h, w:2w]``, as ``pywt.coeffs_to_array``). ``apply``
+    is the analysis ``Psi``, ``adjoint`` the synthesis ``Psi^H = Psi^-1``. The transform is
+    :class:`.cs.Wavelet2D` (its ``torch`` periodization backend on every device, or ptwt's
+    boundary wavelets); the real filters act on real and imaginary parts alike.
 
     Parameters
     ----------
     shape : (S, C, H, W)
         Shape of the coil images (``None`` entries for S and C: any).
     wavelet, levels, backend, device
-        As :class:`.cs.Wavelet2D`; sizes must allow an orthogonal transform (PyWavelets: ``H`` and
+        As :class:`.cs.Wavelet2D`; sizes must allow an orthogonal transform (``torch``: ``H`` and
         ``W`` divisible by ``2**levels``, levels are lowered until they are).
-    threads : int, optional
-        PyWavelets runs on this many threads over the images (default: torch's thread count).
 
     Attributes
     ----------
@@ -96,72 +93,18 @@ class WaveletOp(Linop):
     """
 
     def __init__(self, shape: Sequence[int], wavelet: str = "sym8", levels: int = 4, backend: str = "auto",
-                 device="cpu", threads: int | None = None):
-        import torch
-
+                 device="cpu"):
         shape = tuple(shape)
         H, W = int(shape[-2]), int(shape[-1])
         super().__init__(shape, shape, np.complex64)
         self.wt = Wavelet2D((H, W), wavelet, levels, backend, device)
         L = self.wt.levels
-        if self.wt.backend == "pywt" and (H % (2 ** L) or W % (2 ** L)):
+        if self.wt.backend == "torch" and (H % (2 ** L) or W % (2 ** L)):
             raise InputDataError(f"image size {H}x{W} is not divisible by 2**{L}; use other levels")
-        self.threads = max(1, int(torch.get_num_threads() if threads is None else threads))
-        h, w = H >> L, W >> L
-        self.approx = (slice(0, h), slice(0, w))
-        self.bands: list[tuple[slice, slice]] = []
-        for _ in range(L):
-            self.bands += [(slice(0, h), slice(w, 2 * w)), (slice(h, 2 * h), slice(0, w)),
-                           (slice(h, 2 * h), slice(w, 2 * w))]
-            h, w = 2 * h, 2 * w
+        self.approx = self.wt.approx
+        self.bands: list[tuple[slice, slice]] = list(self.wt.bands)
 
-    # -------------------------------------------------------------- backends
-    def _map(self, fn, chunks):
-        if len(chunks) == 1:
-            return [fn(chunks[0])]
-        pool = _POOLS.get(self.threads)
-        if pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = _POOLS[self.threads] = ThreadPoolExecutor(self.threads, thread_name_prefix="qsmkit-pywt")
-        return list(pool.map(fn, chunks))
-
-    def _chunks(self, n: int):
-        k = min(self.threads, n)
-        step = -(-n // k)
-        return [slice(i, min(n, i + step)) for i in range(0, n, step)]
-
-    def _pywt_forward(self, xr: np.ndarray, out: np.ndarray) -> None:
-        """``xr`` (N, H, W, 2) float32 (real, imaginary interleaved) -> packed ``out`` (N, H, W, 2)."""
-        import pywt
-
-        def run(sl):
-            c = pywt.wavedec2(xr[sl], self.wt.wavelet, mode="periodization", level=self.wt.levels, axes=(-3, -2))
-            o = out[sl]
-            o[(Ellipsis,) + self.approx + (slice(None),)] = c[0]
-            i = 0
-            for det in c[1:]:
-                for band in det:
-                    o[(Ellipsis,) + self.bands[i] + (slice(None),)] = band
-                    i += 1
-
-        self._map(run, self._chunks(xr.shape[0]))
-
-    def _pywt_inverse(self, cr: np.ndarray, out: np.ndarray) -> None:
-        import pywt
-
-        L = self.wt.levels
-        full = (slice(None),)
-
-        def run(sl):
-            c = cr[sl]
-            coeffs = [c[(Ellipsis,) + self.approx + full]]
-            for lev in range(L):
-                coeffs.append(tuple(c[(Ellipsis,) + self.bands[3 * lev + j] + full] for j in range(3)))
-            out[sl] = pywt.waverec2(coeffs, self.wt.wavelet, mode="periodization", axes=(-3, -2))
-
-        self._map(run, self._chunks(cr.shape[0]))
-
+    # -------------------------------------------------------------- ptwt backend
     def _ptwt_forward(self, xr):
         import torch
 
@@ -183,31 +126,29 @@ class WaveletOp(Linop):
         return self.wt._inv(coeffs)
 
     # -------------------------------------------------------------- Linop
-    def _run(self, x, inverse: bool):
+    def _run(self, x, inverse: bool, out=None):
         import torch
 
         if not is_torch(x):
             return self._run(_tensor(x), inverse).numpy()
+        if self.wt.backend == "torch":
+            return self.wt.inverse(x, out) if inverse else self.wt.forward(x, out)
         shp = x.shape
         H, W = shp[-2:]
         xc = x.to(torch.complex64).reshape((-1, H, W))
-        if self.wt.backend == "pywt":  # real and imaginary parts transformed in place of the last axis
-            src = torch.view_as_real(xc.detach().cpu().resolve_conj().contiguous()).numpy()  # (N, H, W, 2)
-            res = torch.empty(xc.shape, dtype=torch.complex64)
-            (self._pywt_inverse if inverse else self._pywt_forward)(src, torch.view_as_real(res).numpy())
-            return res.to(x.device).reshape(shp)
         xr = torch.view_as_real(xc).permute(3, 0, 1, 2).reshape(-1, H, W).contiguous().float()  # (2N, H, W)
-        out = (self._ptwt_inverse(xr) if inverse else self._ptwt_forward(xr)).reshape(-1, H, W)
-        n = out.shape[0] // 2
-        return torch.complex(out[:n], out[n:]).reshape(shp)
+        res = (self._ptwt_inverse(xr) if inverse else self._ptwt_forward(xr)).reshape(-1, H, W)
+        n = res.shape[0] // 2
+        res = torch.complex(res[:n], res[n:]).reshape(shp)
+        return res if out is None else out.copy_(res)
 
-    def apply(self, x):
-        """Analysis ``Psi x``: coil images -> packed coefficients (complex, same shape)."""
-        return self._run(x, inverse=False)
+    def apply(self, x, out=None):
+        """Analysis ``Psi x``: coil images -> packed coefficients (complex, same shape; into ``out`` if given)."""
+        return self._run(x, inverse=False, out=out)
 
-    def adjoint(self, y):
-        """Synthesis ``Psi^H w = Psi^-1 w``."""
-        return self._run(y, inverse=True)
+    def adjoint(self, y, out=None):
+        """Synthesis ``Psi^H w = Psi^-1 w`` (into ``out`` if given)."""
+        return self._run(y, inverse=True, out=out)
 
     def normal(self, x):
         return x  # orthogonal
@@ -223,8 +164,8 @@ class WaveletOp(Linop):
 
     @classmethod
     def examples(cls):
-        return [cls((2, 3, 16, 8), "db2", 2, "pywt"), cls((1, 2, 16, 16), "sym4", 1, "pywt"),
-                cls((1, 2, 16, 12), "db2", 2, "ptwt")]
+        return [cls((2, 3, 16, 8), "db2", 2, "torch"), cls((1, 2, 16, 16), "sym4", 1, "torch"),
+                cls((1, 2, 64, 32), "sym8", 2, "torch"), cls((1, 2, 16, 12), "db2", 2, "ptwt")]
 
 
 def _detail_tuple(a, b, c):
@@ -317,6 +258,59 @@ class CoilFourierOp(Linop):
                 cls(torch.ones((1, 1, 1, 1)), (1, 2, 7, 9))]
 
 
+class SynthesisOp(Linop):
+    """``A Psi^H``: packed wavelet coefficients -> masked k-space of the coil images (no coil maps).
+
+    The composition of :class:`CoilFourierOp` ``A`` and the synthesis of :class:`WaveletOp`
+    ``Psi``, with the image between them (and the masked data of the adjoint) in work arrays kept
+    between calls: ``apply`` and ``adjoint`` allocate only their result. Same values as
+    ``Compose(A, psi.H)``.
+
+    Parameters
+    ----------
+    A : CoilFourierOp
+    psi : WaveletOp
+    """
+
+    def __init__(self, A: CoilFourierOp, psi: WaveletOp):
+        super().__init__(A.ishape, A.oshape, np.complex64)
+        self.A, self.psi = A, psi
+        self._work: dict = {}
+
+    def _buf(self, name: str, like):
+        import torch
+
+        b = self._work.get(name)
+        if b is None or b.shape != like.shape or b.device != like.device:
+            b = self._work[name] = torch.empty(like.shape, dtype=torch.complex64, device=like.device)
+        return b
+
+    def apply(self, w):
+        import torch
+
+        if not is_torch(w):
+            return self.apply(_tensor(w)).numpy()
+        A = self.A
+        img = self.psi.adjoint(w, out=self._buf("img", w))
+        k = fft2c(img, dim=A.dims) if A.centered else torch.fft.fftn(img, dim=A.dims, norm="ortho")
+        return k.mul_(A.mask)
+
+    def adjoint(self, y):
+        import torch
+
+        if not is_torch(y):
+            return self.adjoint(_tensor(y)).numpy()
+        A = self.A
+        ym = torch.mul(y, A.mask, out=self._buf("data", y))
+        img = ifft2c(ym, dim=A.dims) if A.centered else torch.fft.ifftn(ym, dim=A.dims, norm="ortho",
+                                                                       out=self._buf("img", y))
+        return self.psi.apply(img)
+
+    @classmethod
+    def examples(cls):
+        return [cls(a, WaveletOp(a.ishape, "db2", 1, "torch")) for a in CoilFourierOp.examples()[:3]]
+
+
 # ============================================================================ proximal operators
 def _as_thresh(c, w):
     """Threshold ``c`` (float or per-slice array) shaped to broadcast against ``w`` (S, C, H, W)."""
@@ -346,7 +340,7 @@ def group_lasso_norm(w, penalised=None):
     return n.reshape(n.shape[0], -1).sum(-1, dtype=torch.float64)
 
 
-def prox_group_lasso(w, thresh, penalised=None, return_norm: bool = False):
+def prox_group_lasso(w, thresh, penalised=None, return_norm: bool = False, inplace: bool = False):
     """Proximal operator of ``thresh * sum_k ||w_{:, k}||_2`` (group soft threshold over coils, axis 1).
 
     Parameters
@@ -361,6 +355,8 @@ def prox_group_lasso(w, thresh, penalised=None, return_norm: bool = False):
     return_norm : bool
         Also return the group norm of the result (``(S,)`` float64, the penalised groups only),
         computed from the norms already at hand.
+    inplace : bool
+        Overwrite ``w`` with the result (no new array).
 
     Returns
     -------
@@ -374,7 +370,7 @@ def prox_group_lasso(w, thresh, penalised=None, return_norm: bool = False):
     if penalised is not None:
         p = penalised.unsqueeze(0) if penalised.ndim == w.ndim - 2 else penalised
         scale = scale.mul_(p).add_(1 - p)                                   # 1 where not penalised
-    out = w * scale
+    out = w.mul_(scale) if inplace else w * scale
     if not return_norm:
         return out
     nn = n * scale
@@ -477,7 +473,7 @@ def lipschitz(op: CoilFourierOp, iterations: int = 30, tol: float = 1e-4, seed: 
 def calibrationless(kspace, mask, lam: float = 0.01, max_iter: int = 100, regularizer: str = "group_lasso",
                     formulation: str = "synthesis", solver: str = "fista", wavelet: str = "sym8", levels: int = 4,
                     backend: str = "auto", owl_beta: float = 0.0, restart: bool = True, sigma: float = 0.5,
-                    threads: int | None = None, log: Callable[[str], None] | None = None, callback=None):
+                    log: Callable[[str], None] | None = None, callback=None):
     """Calibrationless reconstruction of the coil images of a batch of slices.
 
     Parameters
@@ -504,8 +500,6 @@ def calibrationless(kspace, mask, lam: float = 0.01, max_iter: int = 100, regula
         Gradient restart of FISTA / POGM.
     sigma : float
         Condat-Vu dual step (the primal step is ``1 / (L / 2 + sigma)``).
-    threads : int, optional
-        PyWavelets threads (default: torch's thread count).
     callback : callable, optional
         ``callback(k, x, cost)`` of the solver.
 
@@ -530,7 +524,7 @@ def calibrationless(kspace, mask, lam: float = 0.01, max_iter: int = 100, regula
         raise InputDataError(f"calibrationless needs multi-coil k-space (slices, coils, H, W), got {tuple(kspace.shape)}")
     shape = tuple(kspace.shape)
     A, y = CoilFourierOp.for_data(kspace, mask)
-    psi = WaveletOp(shape, wavelet, levels, backend, kspace.device, threads)
+    psi = WaveletOp(shape, wavelet, levels, backend, kspace.device)
     L = lipschitz(A)
     if not L > 0:
         raise InputDataError("the sampling mask samples nothing; check the undersample stage")
@@ -546,8 +540,11 @@ def calibrationless(kspace, mask, lam: float = 0.01, max_iter: int = 100, regula
                 return lam * last["norm"]
             return lam * group_lasso_norm(w, pen)
 
+        inplace = formulation == "synthesis" and solver == "fista"  # FISTA drops the prox's input (POGM keeps it)
+
         def prox(w, c):
-            out, nrm = prox_group_lasso(w, np.asarray(c) * lam if np.ndim(c) else c * lam, pen, return_norm=True)
+            out, nrm = prox_group_lasso(w, np.asarray(c) * lam if np.ndim(c) else c * lam, pen, return_norm=True,
+                                        inplace=inplace)
             last["x"], last["norm"] = out, nrm
             return out
     else:
@@ -561,9 +558,7 @@ def calibrationless(kspace, mask, lam: float = 0.01, max_iter: int = 100, regula
     x0 = A.adjoint(y)  # zero-filled coil images
     with torch.no_grad():
         if formulation == "synthesis":
-            from qsmkit.operators import Compose
-
-            AS = Compose(A, psi.H)  # A Psi^H: coefficients -> data
+            AS = SynthesisOp(A, psi)  # A Psi^H: coefficients -> data
             w, info = proximal_gradient(AS, y, prox, gval, psi.apply(x0), 1.0 / L, max_iter, solver, restart,
                                         batch_dims=1, callback=callback)
             x = psi.adjoint(w)

@@ -172,7 +172,10 @@ def _lag_phases(n: int, lags):
 
 def _start_vectors(ksp, cal, h0: int, w0: int):
     """``(v0, ref)``: the low-resolution coil images of the calibration data ``(H * W, C)`` (where the
-    power iteration starts) and the first principal component of the calibration data (phase reference)."""
+    power iteration starts) and the first principal component of the calibration data (phase reference),
+    its phase fixed so that its largest entry is real and positive: a singular vector's phase is
+    arbitrary and differs between LAPACK and cuSOLVER, so without this the maps would differ by a
+    per-slice phase between CPU and CUDA."""
     import torch
 
     from .transforms import ifft2c
@@ -184,7 +187,9 @@ def _start_vectors(ksp, cal, h0: int, w0: int):
     v0_all = ifft2c(low).reshape(C, -1).T.contiguous()  # (N, C)
     with limited(1):
         u, _, _ = torch.linalg.svd(cal.reshape(C, -1), full_matrices=False)
-    return v0_all, u[:, 0]
+    ref = u[:, 0]
+    top = ref[torch.argmax(ref.abs())]
+    return v0_all, ref * (top.conj() / top.abs().clamp_min(1e-30))
 
 
 def _eigenvectors(E1, E2, hh_t, v0_all, n_maps: int, iterations: int, tol: float, crop: float, softcrop: bool):

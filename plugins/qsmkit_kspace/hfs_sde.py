@@ -386,7 +386,7 @@ def hfs_sde_reconstruct(eps_model: EpsModel, y, maps, mask, L, sde: HFSSDE, n_st
                         snr: float = 0.16, mse: float = 2.5, corrector_mse: float = 0.1,
                         predictor: str = "euler_maruyama", corrector: str = "langevin", hard_dc: bool = True,
                         denoise: bool = True, t_eps: float = 1e-3, normalize_coeff: float = 1.5,
-                        generator=None, tick: Callable[[int], None] | None = None):
+                        generator=None, tick: Callable[[int], None] | None = None, support: bool = False):
     """HFS-SDE reconstruction of a batch of slices (see the module docstring).
 
     Parameters
@@ -423,6 +423,14 @@ def hfs_sde_reconstruct(eps_model: EpsModel, y, maps, mask, L, sde: HFSSDE, n_st
         Source of the sampling noise (seed).
     tick : callable, optional
         Called with the iteration number (progress bars).
+    support : bool
+        Restrict the sample to the maps' support at the end (our addition): the high frequencies
+        of the final estimate are replaced by those of ``w x`` with ``w = sum_c |S_c|^2`` (1 inside
+        and 0 outside the support of cropped ESPIRiT maps), followed by data consistency. Pixels
+        where every map is zero are in the null space of ``A`` (pure prior, e.g. generated
+        background noise); the SENSE combination of fully sampled data is zero there. The low
+        frequencies stay exactly the measured ones, so the background keeps the low-pass residual
+        ``F^H L F (x_low - w x)``. No effect for maps with ``sum_c |S_c|^2 = 1`` everywhere.
 
     Returns
     -------
@@ -465,6 +473,11 @@ def hfs_sde_reconstruct(eps_model: EpsModel, y, maps, mask, L, sde: HFSSDE, n_st
         K = denoise_step(state, K, times[-1], hard_dc)
         if tick is not None:
             tick(n)
+    if support:
+        w = maps[:, 0].abs().pow(2).sum(1)  # (S, H, W): sum_c |S_c|^2 of the first set
+        K = K_low + (1.0 - Lt) * _fft(w * _ifft(K))
+        if hard_dc:
+            K = data_consistency(K, Lt, op, yn)
     Kout = K_low + (1.0 - Lt) * K  # exact low frequencies (already so; guards round-off)
     return (_ifft(Kout) * scale).to(torch.complex64)
 

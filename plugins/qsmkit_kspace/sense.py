@@ -97,7 +97,7 @@ class SenseOp(Linop):
     def apply(self, x):
         """``A x``: image ``(S, M, H, W)`` -> masked k-space ``(S, C, H, W)``."""
         if not is_torch(x):
-            return self.apply(_tensor(x)).numpy()
+            return self.apply(_tensor(x).to(self.maps.device)).cpu().numpy()
         return fft2c(self.coils(x)) * self.mask
 
     forward = apply
@@ -105,7 +105,7 @@ class SenseOp(Linop):
     def adjoint(self, y):
         """``A^H y``: k-space ``(S, C, H, W)`` -> image ``(S, M, H, W)``."""
         if not is_torch(y):
-            return self.adjoint(_tensor(y)).numpy()
+            return self.adjoint(_tensor(y).to(self.maps.device)).cpu().numpy()
         return self.combine(ifft2c(y * self.mask))
 
     def normal(self, x):
@@ -113,7 +113,7 @@ class SenseOp(Linop):
         import torch
 
         if not is_torch(x):
-            return self.normal(_tensor(x)).numpy()
+            return self.normal(_tensor(x).to(self.maps.device)).cpu().numpy()
         xr = x[..., self.rows, :] if self.rows != slice(None) else x
         c = (self._maps_r * xr.unsqueeze(2)).sum(1)
         if not self.fully_sampled:

@@ -41,8 +41,8 @@ class Calibrationless(_Recon):
         Param("sigma", float, 0.5, range=(1e-6, 1e6), doc="Condat-Vu dual step (primal: 1 / (L/2 + sigma))"),
         Param("wavelet", str, "sym8", doc="orthogonal wavelet (PyWavelets name), one transform per coil"),
         Param("levels", int, 4, range=(1, 10), doc="decomposition levels"),
-        Param("backend", str, "auto", choices=("auto", "pywt", "ptwt"),
-              doc="wavelet library (auto: pywt on CPU, ptwt on CUDA)"),
+        Param("backend", str, "auto", choices=("auto", "torch", "pywt", "ptwt"),
+              doc="wavelet transform: auto/torch (periodization, PyWavelets coefficients, any device; pywt: same), ptwt (boundary wavelets)"),
         Param("normalize", bool, True, doc="divide k-space by the max of the zero-filled RSS image (undone on output)"),
         DEVICE_PARAM)
 

@@ -87,7 +87,7 @@ class CSWavelet(_Recon):
         Param("restart", bool, True, doc="gradient restart of the momentum (O'Donoghue & Candes)"),
         Param("wavelet", str, "db4", doc="orthogonal wavelet (PyWavelets name)"),
         Param("levels", int, 4, range=(1, 10), doc="decomposition levels"),
-        Param("backend", str, "auto", choices=("auto", "pywt", "ptwt"), doc="wavelet library (auto: pywt on CPU, ptwt on CUDA)"),
+        Param("backend", str, "auto", choices=("auto", "torch", "pywt", "ptwt"), doc="wavelet implementation (auto = torch: periodic DWT with PyWavelets' periodization coefficients, CPU or CUDA; pywt: the same; ptwt: boundary wavelets)"),
         Param("normalize", bool, True, doc="divide k-space by the max of the zero-filled image (undone on output)"),
         DEVICE_PARAM)
 

@@ -55,21 +55,54 @@ def resample_masked(field: np.ndarray, mask: np.ndarray, affine: np.ndarray, ref
 def resample_masked_many(fields: Sequence[np.ndarray], mask: np.ndarray, affine: np.ndarray,
                          ref_shape: Sequence[int], ref_affine: np.ndarray, matrix: np.ndarray,
                          interpolation: str = "linear", threshold: float = 0.5) -> tuple[list, np.ndarray]:
-    """:func:`resample_masked` for several fields sharing one mask (the mask is resampled once)."""
+    """:func:`resample_masked` for several fields sharing one mask (the mask is resampled once).
+
+    Only the reference voxels that the mask's bounding box maps onto (plus two voxels) are
+    interpolated: outside them the interpolated mask is zero, so the result is the same as on the
+    whole grid at a fraction of the cost (a brain mask covers about a third of a head's grid).
+    """
     m = (np.asarray(mask) > 0).astype(np.float32)
-    den = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "linear")
-    den_b = resample_to_reference(m, affine, ref_shape, ref_affine, matrix, "bspline") \
+    full = tuple(int(s) for s in ref_shape[:3])
+    box, box_aff = _mapped_box(m > 0, affine, full, ref_affine, matrix)
+    keep = np.zeros(full, dtype=bool)
+    outs = [np.zeros(full, dtype=np.float32) for _ in fields]
+    if box is None:
+        return outs, keep
+    shape = tuple(b.stop - b.start for b in box)
+    den = resample_to_reference(m, affine, shape, box_aff, matrix, "linear")
+    den_b = resample_to_reference(m, affine, shape, box_aff, matrix, "bspline") \
         if interpolation == "bspline" else den
-    keep = den >= threshold
-    den_k = np.maximum(den_b[keep], 1e-3)
-    outs = []
-    for field in fields:
-        num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, ref_shape, ref_affine,
+    keep_b = den >= threshold
+    keep[box] = keep_b
+    den_k = np.maximum(den_b[keep_b], 1e-3)
+    for out, field in zip(outs, fields):
+        num = resample_to_reference(np.where(m > 0, field, 0).astype(np.float32), affine, shape, box_aff,
                                     matrix, interpolation)
-        out = np.zeros(keep.shape, dtype=np.float32)
-        out[keep] = num[keep] / den_k
-        outs.append(out)
+        sub = np.zeros(shape, dtype=np.float32)
+        sub[keep_b] = num[keep_b] / den_k
+        out[box] = sub
     return outs, keep
+
+
+def _mapped_box(mask: np.ndarray, affine: np.ndarray, ref_shape: tuple, ref_affine: np.ndarray,
+                matrix: np.ndarray, margin: int = 2):
+    """``(slices, affine)`` of the reference sub-grid onto which ``mask``'s bounding box maps (plus
+    ``margin`` voxels, clipped to the grid), or ``(None, None)`` when it maps outside the grid."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return None, None
+    lo, hi = idx.min(0) - 1.0, idx.max(0) + 1.0
+    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    to_ref = (np.linalg.inv(np.asarray(ref_affine, dtype=np.float64))
+              @ np.linalg.inv(np.asarray(matrix, dtype=np.float64)) @ np.asarray(affine, dtype=np.float64))
+    v = corners @ to_ref.T
+    start = np.maximum(np.floor(v[:, :3].min(0)).astype(int) - margin, 0)
+    stop = np.minimum(np.ceil(v[:, :3].max(0)).astype(int) + margin + 1, ref_shape)
+    if np.any(stop <= start):
+        return None, None
+    box_aff = np.array(ref_affine, dtype=np.float64)
+    box_aff[:3, 3] = box_aff[:3, :3] @ start + box_aff[:3, 3]
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop)), box_aff
 
 
 def fov_fraction(mask: np.ndarray, affine: np.ndarray, ref_shape: Sequence[int], ref_affine: np.ndarray,

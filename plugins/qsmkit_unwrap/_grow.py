@@ -29,7 +29,7 @@ NBINS = 256
 
 
 @numba.njit(cache=True)
-def grow_unwrap(phase, bins, order, ref, use_ref, shape, visited, nxt, extrapolate):
+def grow_unwrap(phase, bins, order, ref, use_ref, shape, visited, nxt, extrapolate, koff, use_koff):
     """Unwrap ``phase`` (flat, float32, C order of ``shape``) in place by quality-guided growth.
 
     Parameters
@@ -126,6 +126,11 @@ def grow_unwrap(phase, bins, order, ref, use_ref, shape, visited, nxt, extrapola
         else:
             old, nw = w, v
         target = phase[old]
+        if use_koff and koff[e] != 0:
+            if old == v:
+                target += two_pi * np.float32(koff[e])
+            else:
+                target -= two_pi * np.float32(koff[e])
         if extrapolate > 0:
             # ROMEO's linear extrapolation: follow the step from the voxel behind ``old``
             step = nw - old
@@ -144,3 +149,111 @@ def grow_unwrap(phase, bins, order, ref, use_ref, shape, visited, nxt, extrapola
         visited[nw] = 1
         new = nw
     return region
+
+
+@numba.njit(cache=True)
+def edge_wraps(phase, mag, use_mag, ratios, order, t, s, bins, shape, min_cost, kt, kd, c0, cb):
+    """Multi-echo estimate of each edge's true template-echo step beyond +-pi (see
+    :func:`qsmkit_unwrap.romeo.multi_echo_edge_wraps`).
+
+    Parameters
+    ----------
+    phase : float32[E, N]
+        Wrapped phase of every echo (rad), flat C order of ``shape``.
+    mag : float32[E, N] (or [1, 1] without ``use_mag``)
+        Magnitude of every echo: the echo weights of an edge are ``min(m_i, m_j)^2``.
+    use_mag : bool
+    ratios : float64[E]
+        ``TE_e / TE_t``.
+    order : int64[E]
+        The echoes in the order they are added (template first, then by distance in time).
+    t : int
+        The template echo.
+    s : int
+        A second echo (the one next to the template): ``kd`` is for the step of ``phi_s - phi_t``.
+    bins : uint8[3 N]
+        The growth's edge bins: only edges with a bin > 0 are estimated.
+    shape : int64[3]
+    min_cost : float
+        rad^2: edges whose ``k = 0`` fit costs less are not tried with other candidates.
+    kt : int8[3 N]
+        Out: the best number of extra 2 pi on the template step ``W(phi_t(j) - phi_t(i))``,
+        in {-1, 0, 1} (0 for edges that are not estimated): candidates are tried by increasing
+        ``|step|`` and one replaces the best so far only at less than half its cost.
+    kd : int8[3 N]
+        Out: with ``kt``'s candidate, the extra 2 pi on the wrapped step of ``W(phi_s - phi_t)``.
+    c0, cb : float32[3 N]
+        Out: the weighted mean squared residual (rad^2) of the line through the origin fitted to
+        the edge's steps of all echoes, with 0 extra wraps (``c0``) and with ``kt`` (``cb``).
+    """
+    s0, s1 = shape[1] * shape[2], shape[2]
+    n = shape[0] * s0
+    n_e = phase.shape[0]
+    two_pi = 2.0 * np.pi
+    ys = np.empty(n_e, np.float64)
+    ws = np.empty(n_e, np.float64)
+    for v in range(n):
+        for a in range(3):
+            e = 3 * v + a
+            if bins[e] == 0:
+                continue
+            w = v + (s0 if a == 0 else (s1 if a == 1 else 1))
+            d_t = phase[t, w] - phase[t, v]
+            d_t -= two_pi * math.floor(d_t / two_pi + 0.5)
+            wsum = 0.0
+            for q in range(n_e):
+                if use_mag:
+                    mm = min(mag[q, v], mag[q, w])
+                    ws[q] = mm * mm
+                else:
+                    ws[q] = 1.0
+                wsum += ws[q]
+            if wsum <= 0:
+                continue
+            best_c = 1e30
+            best_k = 0
+            best_d = 0
+            k1 = -1 if d_t > 0 else 1  # the candidates by increasing |step|: 0, k1, -k1
+            for ik in range(3):
+                k = 0 if ik == 0 else (k1 if ik == 1 else -k1)
+                delta = d_t + two_pi * k
+                # sequential temporal unwrapping of the edge's steps through the origin
+                sww = ws[t]
+                swy = ws[t] * delta
+                ys[t] = delta
+                slope = delta
+                for i in range(1, n_e):
+                    q = order[i]
+                    pred = slope * ratios[q]
+                    dq = phase[q, w] - phase[q, v]
+                    dq += two_pi * math.floor((pred - dq) / two_pi + 0.5)
+                    ys[q] = dq
+                    sww += ws[q] * ratios[q] * ratios[q]
+                    swy += ws[q] * ratios[q] * dq
+                    if sww > 0:
+                        slope = swy / sww
+                c = 0.0
+                for q in range(n_e):
+                    r = ys[q] - slope * ratios[q]
+                    c += ws[q] * r * r
+                c /= wsum
+                if k == 0:
+                    c0[e] = c
+                    if c < min_cost:  # a good fit: nothing to resolve
+                        best_c = c
+                        dd = (phase[s, w] - phase[t, w]) - (phase[s, v] - phase[t, v])
+                        dd -= two_pi * math.floor(dd / two_pi + 0.5)
+                        best_d = int(math.floor((ys[s] - ys[t] - dd) / two_pi + 0.5))
+                        break
+                # a larger step must fit clearly better (k and k + 2 are told apart by no echo
+                # when TE_e / TE_t are multiples of 1/2: the smaller step wins the tie)
+                if c < 0.5 * best_c:
+                    best_c = c
+                    best_k = k
+                    dd = (phase[s, w] - phase[t, w]) - (phase[s, v] - phase[t, v])
+                    dd -= two_pi * math.floor(dd / two_pi + 0.5)       # step of the wrapped difference
+                    best_d = int(math.floor((ys[s] - ys[t] - dd) / two_pi + 0.5))
+            kt[e] = best_k
+            kd[e] = best_d
+            cb[e] = best_c
+    return 0

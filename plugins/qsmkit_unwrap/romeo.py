@@ -48,6 +48,16 @@ Multi-echo modes (``(x, y, z, echo)`` input):
 * ``"individual"``: every echo on its own (own weights and seeds); then each is moved by the
   ``2 pi k`` (median over the mask) that puts it on that line.
 
+Beyond ROMEO, in ``temporal`` mode (``temporal_reference="fit"``):
+
+* **multi-echo edge steps** (:func:`multi_echo_edge_wraps`, ``multi_echo_steps``): an edge whose
+  template step is really ``d +- 2 pi`` (next to strong sources at 7 T) is recognised from the
+  steps of all echoes together, where an echo time is not a multiple of the template's (30 ms
+  against 4 ms); the growth then follows that step (:func:`grow`'s ``koff``);
+* **uncertain voxels** (:func:`_redecide_uncertain`, ``uncertain_ratio``): where the adjacent
+  echo is in a signal null, the 2 pi of the echo difference is re-decided from the neighbours'
+  field, in the spirit of ROMEO.jl's ``temporal_uncertain_unwrapping``.
+
 ``correct_global`` subtracts from all echoes the ``2 pi k`` that puts the template echo's mean
 over the mask nearest 0 (ROMEO's global correction, shared by the echoes so that their 2 pi
 offsets stay consistent).
@@ -67,7 +77,7 @@ import numpy as np
 from qsmkit.errors import InputDataError, ParameterError
 from qsmkit.operators import bounding_box
 
-from ._grow import NBINS, grow_unwrap
+from ._grow import NBINS, edge_wraps, grow_unwrap
 
 TWO_PI = np.float32(2.0 * np.pi)
 PI = np.float32(np.pi)
@@ -78,6 +88,8 @@ WEIGHT_NAMES = ("phase_coherence", "gradient_coherence", "phase_linearity", "mag
 DEFAULT_WEIGHTS = ("phase_coherence", "gradient_coherence", "phase_linearity", "magnitude_coherence")
 MODES = ("temporal", "spatial", "individual")
 TEMPORAL_REFERENCES = ("fit", "ratio")
+#: chi^2 decrease (noise-variance units) that the per-voxel echo decision needs to change counts
+DECISION_THRESHOLD = 16.0
 
 
 def _wrap(x: np.ndarray) -> np.ndarray:
@@ -277,19 +289,323 @@ def select_seed(quality: np.ndarray, mask: np.ndarray | None = None) -> tuple[in
 
 
 def grow(phase: np.ndarray, bins: np.ndarray, order: np.ndarray, ref: np.ndarray | None = None,
-         extrapolate: float = 0.0) -> tuple[np.ndarray, int]:
+         extrapolate: float = 0.0, koff: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Quality-guided growth of one 3D volume (see :func:`qsmkit_unwrap._grow.grow_unwrap`).
 
-    Returns the unwrapped phase (float32, 0 where no seed reached) and the number of regions.
+    ``koff`` (int8, ``3 * voxel + axis``, optional): extra whole turns of each edge's step, from
+    :func:`multi_echo_edge_wraps`. Returns the unwrapped phase (float32, 0 where no seed reached)
+    and the number of regions.
     """
     shape = np.asarray(phase.shape, dtype=np.int64)
     u = np.array(phase, dtype=np.float32).ravel()
     visited = np.zeros(u.size, dtype=np.uint8)
     r = np.zeros(1, np.float32) if ref is None else np.ascontiguousarray(ref, dtype=np.float32).ravel()
     nxt = np.empty(3 * u.size, dtype=np.int64 if 3 * u.size >= 2 ** 31 else np.int32)
-    regions = grow_unwrap(u, bins, order, r, ref is not None, shape, visited, nxt, np.float32(extrapolate))
+    ko = np.zeros(1, np.int8) if koff is None else koff
+    regions = grow_unwrap(u, bins, order, r, ref is not None, shape, visited, nxt, np.float32(extrapolate),
+                          ko, koff is not None)
     u[visited == 0] = 0
     return u.reshape(phase.shape), int(regions)
+
+
+def multi_echo_edge_wraps(phase: np.ndarray, magnitude: np.ndarray | None, echo_times: Sequence[float], t: int,
+                          s: int, bins: np.ndarray, accept: float = 0.25, min_cost: float = 0.1,
+                          return_costs: bool = False):
+    """Edge steps of the template echo beyond +-pi that all echoes together resolve.
+
+    Spatial unwrapping assumes that neighbouring voxels differ by less than pi; next to strong
+    sources at 7 T the template echo's true step can reach 2 pi and more (a wrapped step ``d``
+    then stands for ``d +- 2 pi``). Across an edge the step of echo ``e`` is ``omega_step TE_e``
+    (plus the step of the phase offset phi0, which is smooth and neglected), so the candidates
+    ``d + 2 pi k`` (``k`` in -1, 0, 1) predict different steps for every echo whose ``TE_e / TE_t``
+    is not an integer (at 7 T, 30 ms against 4 ms: a pi difference). For each candidate the echoes'
+    wrapped steps are unwrapped in time one after the other (nearest to the running weighted
+    line through the origin, echo weights ``min(m_i, m_j)^2``) and the weighted mean squared
+    residual of that line is its cost. A candidate ``k != 0`` is accepted when its cost is below
+    ``accept`` times the cost of ``k = 0`` and the cost of ``k = 0`` is at least ``min_cost``
+    rad^2 (a misfit well above the noise of a reliable edge). With echo times that are all
+    multiples of ``TE_t`` no candidate is ever better and nothing changes. This is the
+    multi-echo extension of ROMEO's gradient coherence (Dymerska et al. 2021, Eq. 3), which
+    compares two echoes and so cannot tell ``d`` from ``d + 2 pi`` when ``TE_2 = 2 TE_1``.
+
+    Parameters
+    ----------
+    phase : ndarray (echo, x, y, z)
+        Wrapped phase in rad, all echoes, C-contiguous float32.
+    magnitude : ndarray (echo, x, y, z), optional
+        Magnitude of every echo (weights); equal weights without it.
+    echo_times : sequence of float
+        One per echo (any unit).
+    t, s : int
+        The template echo and the echo next to it (0-based).
+    bins : ndarray uint8 (3 N)
+        Edge bins of the growth (:func:`weight_bins`): only existing edges are estimated.
+    accept, min_cost : float
+        Acceptance rule above (dimensionless, rad^2).
+    return_costs : bool
+        Also return the costs ``c0`` and ``cb`` (float32 (3 N)) and the best candidates.
+
+    Returns
+    -------
+    kt, kd : ndarray int8 (3 N)
+        Extra whole turns of each edge's step (``3 * voxel + axis``) in the template echo and in
+        the wrapped difference ``phase[s] - phase[t]``, 0 where not accepted.
+    """
+    ph = np.ascontiguousarray(phase, dtype=np.float32)
+    n_e = ph.shape[0]
+    te = np.asarray(echo_times, dtype=np.float64)
+    ratios = te / te[t]
+    order = np.array([t] + sorted((e for e in range(n_e) if e != t), key=lambda e: (abs(te[e] - te[t]), e)),
+                     dtype=np.int64)
+    use_mag = magnitude is not None
+    mag = np.ascontiguousarray(magnitude, dtype=np.float32).reshape(n_e, -1) if use_mag else \
+        np.zeros((1, 1), np.float32)
+    shape = np.asarray(ph.shape[1:], dtype=np.int64)
+    n3 = bins.size
+    kt, kd = np.zeros(n3, np.int8), np.zeros(n3, np.int8)
+    c0, cb = np.zeros(n3, np.float32), np.zeros(n3, np.float32)
+    if np.all(np.abs(ratios - np.rint(ratios)) < 1e-6) and abs(ratios[s] - 1.0) <= 1.0 + 1e-6:
+        # every echo time a multiple of the template's: no candidate can fit better, and the
+        # difference has the template's steps
+        return (kt, kd, c0, cb, kt.copy(), kd.copy()) if return_costs else (kt, kd)
+    edge_wraps(ph.reshape(n_e, -1), mag, use_mag, ratios, order, int(t), int(s), bins, shape, float(min_cost),
+               kt, kd, c0, cb)
+    ok = (kt != 0) & (cb < np.float32(accept) * c0) & (c0 >= np.float32(min_cost))
+    # the difference's extra turns also where no extra template turn is needed and the fit is good
+    ok_d = ok | ((kt == 0) & (c0 < np.float32(min_cost)))
+    kt_raw, kd_raw = kt.copy(), kd.copy()
+    kt[~ok] = 0
+    kd[~ok_d] = 0
+    if return_costs:
+        return kt, kd, c0, cb, kt_raw, kd_raw
+    return kt, kd
+
+
+def echo_fit_cost(unwrapped: np.ndarray, magnitude: np.ndarray | None, tau: np.ndarray, sigma2: float,
+                  amplitude: np.ndarray | None = None, echo_times: Sequence[float] | None = None) -> np.ndarray:
+    """Per voxel, the misfit of the weighted least-squares line through the unwrapped echoes, in
+    units of the noise variance (see :func:`decide_echo_counts`).
+
+    The line ``a + b tau`` (``tau``: the echo times in any unit) is fitted to ``unwrapped`` (echo, n)
+    with the weights ``A_e^2`` (the noise-robust amplitude ``A``, :func:`_amplitude`, from
+    ``magnitude``, ``sigma2`` and ``echo_times``, unless given); the misfit is the complex-domain
+    ``sum_e 2 A_e m_e (1 - cos(unwrapped_e - a - b tau_e)) / sigma^2`` (magnitude ``m``), i.e. the
+    increase of ``-2 log`` of the complex Gaussian likelihood over the line's phase-exact fit: for
+    small residuals ``r`` it is the familiar ``sum_e A_e m_e r_e^2 / sigma^2``, and an echo at noise
+    level (``A ~ 0``) adds nothing however its phase lies. Without magnitude, ``A = m = 1``.
+    """
+    y = np.asarray(unwrapped, dtype=np.float32)
+    if amplitude is None:
+        amplitude = _amplitude(magnitude, sigma2, y.shape, echo_times)
+    m = amplitude if magnitude is None else np.asarray(magnitude, dtype=np.float32)
+    w = np.maximum(np.square(amplitude), _WEIGHT_FLOOR)
+    s0, s1, s2, det = _sums(w, tau)
+    a, b = _line_fit(y, w, tau, s0, s1, det)
+    return _cost(y, a, b, tau, amplitude * m, sigma2)
+
+
+_WEIGHT_FLOOR = np.float32(1e-30)
+
+
+def _amplitude(magnitude: np.ndarray | None, sigma2: float, shape: tuple, te: np.ndarray | None = None) -> np.ndarray:
+    """Signal amplitude per echo, robust to noise: ``min(sqrt(max(m^2 - 2 sigma^2, 0)), A0 exp(-R2* TE))``.
+
+    The first term removes the Rician bias (``E[m^2] = A^2 + 2 sigma^2`` for complex Gaussian noise
+    of ``sigma`` per channel; Gudbjartsson & Patz 1995); the second is the mono-exponential decay
+    fitted to ``log m`` with the weights ``A^2`` (so the strong early echoes decide), which keeps an
+    echo whose magnitude is noise (a Rayleigh value of 2-3 sigma after a fast T2* decay) from
+    counting as signal. 1 without magnitude."""
+    if magnitude is None:
+        return np.ones(shape, np.float32)
+    m = np.asarray(magnitude, dtype=np.float32)
+    a = np.sqrt(np.maximum(np.square(m) - np.float32(2 * sigma2), 0))
+    if te is None:
+        return a
+    t = np.asarray(te, dtype=np.float32)
+    w = np.square(a)
+    logm = np.log(np.maximum(m, np.float32(1e-30)))
+    s0, s1, s2, det = _sums(w, t)
+    c, d = _line_fit(logm, w, t, s0, s1, det)
+    d = np.minimum(d, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c = np.where(s0 > 0, (np.einsum("en,en->n", w, logm) - d * s1) / s0, 0)
+    model = np.exp(np.minimum(c + d * t[:, None], np.float32(80)))
+    return np.minimum(a, model).astype(np.float32)
+
+
+def _sums(w: np.ndarray, tau: np.ndarray) -> tuple:
+    s0 = w.sum(axis=0)
+    s1 = np.einsum("en,e->n", w, tau)
+    s2 = np.einsum("en,e->n", w, tau * tau)
+    return s0, s1, s2, s0 * s2 - s1 * s1
+
+
+def _line_fit(y: np.ndarray, w: np.ndarray, tau: np.ndarray, s0: np.ndarray, s1: np.ndarray,
+              det: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted least-squares line ``y = a + b tau`` per voxel (``y``, ``w``: (echo, n)); 0 slope where
+    fewer than two echoes carry weight."""
+    sy = np.einsum("en,en->n", w, y)
+    sty = np.einsum("en,en->n", w * tau[:, None], y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(det > 0, (s0 * sty - s1 * sy) / det, 0).astype(np.float32)
+        a = ((sy - b * s1) / s0).astype(np.float32)
+    return a, b
+
+
+def _cost(y, a, b, tau, am, sigma2) -> np.ndarray:
+    r = y - a - b * tau[:, None]
+    return np.einsum("en,en->n", am, 1 - np.cos(r)) * np.float32(2 / sigma2)
+
+
+def _round_to_line(y: np.ndarray, a: np.ndarray, b: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """Every echo moved by the ``2 pi k`` that puts it nearest to the line ``a + b tau``."""
+    line = a + b * tau[:, None]
+    return y + TWO_PI * np.rint((line - y) / TWO_PI)
+
+
+def decide_echo_counts(unwrapped: np.ndarray, magnitude: np.ndarray | None, echo_times: Sequence[float],
+                       template: int = 0, threshold: float = DECISION_THRESHOLD,
+                       sigma: float | None = None) -> tuple[np.ndarray, dict]:
+    """Per-voxel decision of the echoes' 2 pi counts by the best line fit through all echoes.
+
+    The model is multi-echo GRE without intravoxel dephasing: per voxel the complex signal of echo
+    ``e`` is ``A_e exp(i (phi0 + omega TE_e))`` plus complex Gaussian noise of standard deviation
+    ``sigma`` per channel. For given counts the line ``phi0 + omega TE`` is the weighted
+    least-squares fit to the unwrapped echoes (weights ``A_e^2``, the inverse phase-noise
+    variance), and its misfit (:func:`echo_fit_cost`) is ``C = sum_e 2 A_e m_e (1 - cos r_e) /
+    sigma^2``: twice the negative log-likelihood of the complex data relative to a phase-exact fit
+    (``~ sum_e A_e^2 r_e^2 / sigma^2``, a chi^2 with ``n_echo - 2`` degrees of freedom, for small
+    residuals; bounded by ``4 A_e m_e / sigma^2`` for an echo whose phase is noise, so that echoes
+    near the noise floor cannot decide). ``A_e = sqrt(max(m_e^2 - 2 sigma^2, 0))`` removes the
+    Rician bias of the magnitude (Gudbjartsson & Patz 1995). Wrong counts (the echo difference off by
+    2 pi so that the later echoes followed a wrong line, or one echo off by 2 pi) raise ``C``; the
+    counts that fit best are searched among candidates:
+
+    * the current counts re-rounded to their own line, and to the lines whose slope differs by
+      ``+-2 pi`` and ``+-4 pi`` per unit of ``tau = (TE - TE_t) / (TE_adj - TE_t)`` (a 2 pi error of
+      the echo difference), pivoting at the template echo and at the weighted mean echo time; each
+      refitted and re-rounded twice;
+    * then, on every candidate, up to two single-echo moves by +-2 pi, where they lower the
+      weighted squared residual most (the change of one echo by ``delta`` changes it by
+      ``2 delta w_e r_e + delta^2 w_e (1 - h_ee)``, ``h_ee`` the leverage of that echo).
+
+    Candidates are taken in that order and one replaces an earlier one only when its ``C`` is lower
+    by at least 1 (aliased slopes, invisible at all echo times, are never taken). The best
+    candidate replaces the current counts only where it lowers ``C`` by more than
+    ``threshold``: with the right counts, noise alone lowers ``C`` by more than ``T`` at most with
+    probability about ``Phi(-sqrt(T))`` (3e-5 at the default 16, in the worst case of a voxel whose
+    decisive echo has a phase noise near 1.6 rad; much less at higher SNR; 16 rather than 9 because
+    magnitudes at the noise floor make the tails heavier than Gaussian: at 9 one voxel of the 7 T
+    phantom flipped to a wrong count), so noise-level voxels keep
+    the counts of the spatial and temporal unwrapping. ``C >= 0``, so only voxels whose current
+    ``C`` exceeds ``threshold`` can change, and only they are searched. The counts are normalised so
+    that the template echo keeps its value (a 2 pi k common to all echoes is the phase offset's).
+    Without ``sigma`` it is estimated robustly from the data: ``sigma^2 = median_voxels(sum_e m_e^2
+    r_e^2) / median(chi^2_{n-2})`` with the ``m^2``-weighted line of the current counts (model errors
+    make it larger and the decision more conservative). Needs 3 or more echoes.
+
+    Parameters
+    ----------
+    unwrapped : ndarray (echo, n)
+        Unwrapped phase in rad of ``n`` voxels (wrapped phase + 2 pi k).
+    magnitude : ndarray (echo, n), optional
+        Magnitude; equal amplitudes without it (then ``sigma`` is the phase noise in rad).
+    echo_times : sequence of float
+        One per echo, any unit.
+    template : int
+        The echo whose value is kept (0-based).
+    threshold : float
+        Decrease of ``C`` (dimensionless, noise-variance units) needed to change a voxel's counts.
+    sigma : float, optional
+        Noise standard deviation per channel, in magnitude units (rad without magnitude).
+
+    Returns
+    -------
+    unwrapped : ndarray (echo, n), float32
+        The decided phase (a new array).
+    info : dict
+        ``sigma`` (used), ``searched`` (voxels with ``C > threshold``) and ``changed`` (voxels whose
+        counts changed).
+    """
+    from scipy.stats import chi2 as chi2_dist
+
+    y0 = np.asarray(unwrapped, dtype=np.float32)
+    n_e, n = y0.shape
+    te = np.asarray(echo_times, dtype=np.float64)
+    if n_e < 3 or te.size != n_e:
+        raise ParameterError(f"romeo: the per-voxel echo decision needs 3 or more echoes with one echo time each, "
+                             f"got {n_e} echo(es) and {te.size} echo time(s)")
+    if not threshold > 0:
+        raise ParameterError(f"romeo: decision threshold = {threshold} must be > 0 (chi^2 units; 16 is the default)")
+    adj = template + 1 if template + 1 < n_e else template - 1
+    tau = ((te - te[template]) / (te[adj] - te[template])).astype(np.float32)
+    mag = None if magnitude is None else np.asarray(magnitude, dtype=np.float32)
+    out = y0.copy()
+    info = {"sigma": 0.0, "searched": 0, "changed": 0}
+    if sigma is None:
+        w = np.ones_like(y0) if mag is None else np.maximum(np.square(mag), _WEIGHT_FLOOR)
+        s0, s1, s2, det = _sums(w, tau)
+        a, b = _line_fit(y0, w, tau, s0, s1, det)
+        raw = np.einsum("en,en->n", w, np.square(y0 - a - b * tau[:, None]))
+        good = np.isfinite(raw) & (det > 0)
+        del w, s0, s1, s2, det, a, b
+        sigma2 = float(np.median(raw[good])) / float(chi2_dist.ppf(0.5, n_e - 2)) if good.any() else 0.0
+    else:
+        sigma2 = float(sigma) ** 2
+    # floor: a phase noise of 1e-3 rad at the median template amplitude (noise-free data would
+    # otherwise give sigma ~ float32 rounding, and rounding errors would decide)
+    m_ref = 1.0 if mag is None else float(np.median(mag[template]))
+    sigma2 = max(sigma2, (1e-3 * m_ref) ** 2)
+    info["sigma"] = float(np.sqrt(sigma2))
+    if not sigma2 > 0:
+        return out, info
+    amp = _amplitude(mag, sigma2, y0.shape, te)
+    c0 = echo_fit_cost(y0, mag, tau, sigma2, amp)
+    idx = np.flatnonzero(np.isfinite(c0) & (c0 > np.float32(threshold)))
+    info["searched"] = int(idx.size)
+    if idx.size == 0:
+        return out, info
+    y, am = y0[:, idx], amp[:, idx]
+    ma = am * (am if mag is None else mag[:, idx])
+    wv = np.maximum(np.square(am), _WEIGHT_FLOOR)
+    s0, s1, s2, det = _sums(wv, tau)
+    a, b = _line_fit(y, wv, tau, s0, s1, det)
+    c_cur = c0[idx]
+    tbar = s1 / s0
+    lev = wv * (s2 - 2 * tau[:, None] * s1 + (tau * tau)[:, None] * s0) / np.where(det > 0, det, np.inf)
+    best, c_best = y, c_cur
+    for m in (0.0, -1.0, 1.0, -2.0, 2.0):
+        for pivot in ((0.0,) if m == 0 else (0.0, 1.0)):
+            bb = b + np.float32(m) * TWO_PI
+            aa = a - np.float32(m) * TWO_PI * tbar * np.float32(pivot)
+            cand = _round_to_line(y, aa, bb, tau)
+            for _ in range(2):
+                aa, bb = _line_fit(cand, wv, tau, s0, s1, det)
+                cand = _round_to_line(cand, aa, bb, tau)
+            for _ in range(2):  # single-echo moves by +-2 pi where they lower the squared residual most
+                r = cand - aa - bb * tau[:, None]
+                gain = TWO_PI * TWO_PI * wv * (1 - lev) - 2 * TWO_PI * wv * np.abs(r)
+                e_best = np.argmin(gain, axis=0)
+                g = np.take_along_axis(gain, e_best[None], axis=0)[0]
+                mv = np.flatnonzero(g < 0)
+                if mv.size == 0:
+                    break
+                cand[e_best[mv], mv] -= np.sign(r[e_best[mv], mv]) * TWO_PI
+                aa, bb = _line_fit(cand, wv, tau, s0, s1, det)
+            c = _cost(cand, aa, bb, tau, ma, sigma2)
+            # a later (farther) candidate must fit better by one noise-variance unit: with echo times
+            # on a common grid (4, 8, ..., 20, 30 ms: 2 ms) some slopes are aliases that fit exactly
+            # as well, and the nearest counts are kept among those
+            better = c < c_best - np.float32(1.0)
+            best = np.where(better[None], cand, best)
+            c_best = np.where(better, c, c_best)
+    change = c_cur - c_best > np.float32(threshold)
+    k_t = np.rint((best[template] - y[template]) / TWO_PI)
+    best = best - TWO_PI * k_t[None]
+    sel = idx[change]
+    out[:, sel] = best[:, change]
+    info["changed"] = int(np.count_nonzero(np.any(np.abs(out[:, sel] - y0[:, sel]) > 1.0, axis=0)))
+    return out, info
 
 
 def _unwrap_to(wrapped: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -306,7 +622,8 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
                  echo_times: Sequence[float] | None = None, mode: str = "temporal", template_echo: int = 1,
                  weights: Sequence[str] = DEFAULT_WEIGHTS, return_quality: bool = False, *,
                  correct_global: bool = True, temporal_reference: str = "fit", wrap_addition: float = 0.0,
-                 return_info: bool = False):
+                 multi_echo_steps: bool = True, uncertain_ratio: float = 0.25,
+                 decision_threshold: float = DECISION_THRESHOLD, return_info: bool = False):
     """ROMEO-like quality-guided unwrapping of 3D or multi-echo 4D phase (Dymerska et al. 2021).
 
     Parameters
@@ -340,6 +657,21 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
         its neighbour plus the step from the voxel behind that neighbour (clipped to
         ``+-wrap_addition``), so that steady steps of up to ``pi + wrap_addition`` are followed.
         0 (default) is plain neighbour-to-neighbour unwrapping.
+    multi_echo_steps : bool
+        ``temporal`` mode with 3 or more echoes: steps of the template echo (and of the echo
+        difference) between neighbours that exceed pi are recognised from all echoes together and
+        followed (:func:`multi_echo_edge_wraps`); this needs an echo whose time is not a multiple
+        of the template's (e.g. 30 ms against 4 ms) and otherwise changes nothing.
+    uncertain_ratio : float
+        ``temporal`` mode (fit reference, magnitude given): voxels whose adjacent-echo magnitude is
+        below this fraction of the template's get the wrap of the echo difference re-decided from
+        their neighbours' field (:func:`_redecide_uncertain`, ROMEO's temporal uncertain
+        unwrapping); 0 turns it off.
+    decision_threshold : float
+        ``temporal`` mode with 3 or more echoes and echo times: after the temporal unwrapping the
+        echoes' 2 pi counts of every voxel are re-decided by the best weighted line fit through all
+        echoes (:func:`decide_echo_counts`); counts change only where the fit's ``chi^2`` (in units
+        of the noise variance, estimated from the data) drops by more than this. 0 turns it off.
     return_info : bool
         Also return a dict (seed index, number of regions, mode).
 
@@ -360,6 +692,11 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
     grid, n_e = pe.shape[:3], pe.shape[3]
     if mode not in MODES:
         raise ParameterError(f"romeo: mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if not 0.0 <= float(uncertain_ratio) <= 1.0:
+        raise ParameterError(f"romeo: uncertain_ratio = {uncertain_ratio} is outside [0, 1]; 0.25 is the default, 0 = off")
+    if not float(decision_threshold) >= 0.0:
+        raise ParameterError(f"romeo: decision_threshold = {decision_threshold} must be >= 0 (chi^2 units; "
+                             f"{DECISION_THRESHOLD:g} is the default, 0 = off)")
     if not 0.0 <= float(wrap_addition) <= np.pi:
         raise ParameterError(f"romeo: wrap_addition = {wrap_addition} rad is outside [0, pi]")
     if temporal_reference not in TEMPORAL_REFERENCES:
@@ -401,7 +738,8 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
     sel = kb if kb is not None else np.ones(sub, dtype=bool)
     t = int(template_echo) - 1
     ub, qb, info = _unwrap_box(_Echoes(pe, box, sel), None if mag is None else _Echoes(mag, box, sel), kb, sel, te,
-                               mode, t, tuple(weights), temporal_reference, float(wrap_addition))
+                               mode, t, tuple(weights), temporal_reference, float(wrap_addition),
+                               bool(multi_echo_steps), float(uncertain_ratio), float(decision_threshold))
     info["seed"] = tuple(int(i) + (b.start or 0) for i, b in zip(info["seed"], box))
     info["mode"] = "spatial (3D)" if squeeze else mode
     if correct_global:
@@ -485,9 +823,99 @@ class _LineFit:
         return ref
 
 
+def _slope(sums: list) -> np.ndarray:
+    """The slope (rad per unit of ``tau``) of :class:`_LineFit`'s weighted line, 0 where undefined."""
+    s0, s1, s2, sy, sty = sums
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = (s0 * sty - s1 * sy) / (s0 * s2 - s1 * s1)
+    b[~np.isfinite(b)] = 0
+    return b
+
+
+def _redecide_uncertain(out: np.ndarray, wrapped, mb: "_Echoes", tau: np.ndarray, t: int, s: int,
+                        sequence: list, sel: np.ndarray, line: "_LineFit", ratio: float) -> int:
+    """Temporal uncertain unwrapping (after ROMEO's ``temporal_uncertain_unwrapping``): re-decide
+    the wrap of the echo difference where it is unreliable, from the neighbours' field.
+
+    Where the adjacent echo's magnitude is below ``ratio`` times the template's (a signal null
+    next to air or a vein), the echo difference phase is unreliable and its 2 pi decides the slope
+    of the whole voxel (every later echo follows that line). With echo times that are multiples
+    of the echo spacing all three candidates (the difference +-2 pi, later echoes re-rounded to
+    their lines) fit the echoes equally, so the data of the voxel alone do not decide. The
+    candidate is chosen whose fitted slope (field) lies nearest to the median slope of the
+    reliable voxels among the 26 neighbours, among the candidates whose weighted line residual
+    is not clearly worse (at most twice the best + 0.05 rad^2). This uses only slopes, so a
+    residual per-voxel phase offset (e.g. after MCPC-3D-S) does not change the decision.
+    Voxels without a reliable neighbour keep their value. ``out`` is changed in place; returns
+    the number of voxels changed.
+    """
+    n_e = out.shape[0]
+    m_t, m_s = mb.at_sel(t), mb.at_sel(s)
+    unc = m_s < np.float32(ratio) * m_t
+    if not unc.any():
+        return 0
+    slope = _slope(line.sums)
+    # neighbour look-up in the box: flat box index of every selected voxel
+    box_idx = np.flatnonzero(sel.ravel())
+    pos = np.full(sel.size, -1, np.int64)
+    pos[box_idx] = np.arange(box_idx.size)
+    reliable = ~unc
+    ui = np.flatnonzero(unc)
+    coords = np.array(np.unravel_index(box_idx[ui], sel.shape)).T
+    offs = np.array([(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1) if (a, b, c) != (0, 0, 0)])
+    nb = coords[:, None, :] + offs[None, :, :]
+    inside = np.all((nb >= 0) & (nb < np.asarray(sel.shape)), axis=2)
+    nb = np.where(inside[..., None], nb, 0)
+    j = pos[np.ravel_multi_index((nb[..., 0], nb[..., 1], nb[..., 2]), sel.shape)]
+    ok = inside & (j >= 0)
+    ok[ok] = reliable[j[ok]]
+    vals = np.where(ok, slope[np.where(j >= 0, j, 0)], np.nan)
+    has = ok.any(axis=1)
+    if not has.any():
+        return 0
+    ui, vals = ui[has], vals[has]
+    with np.errstate(all="ignore"):
+        target = np.nanmedian(vals, axis=1).astype(np.float32)
+    mags = [mb.at_sel(e)[ui] for e in range(len(mb))]
+    cands, costs, slopes = [], [], []
+    for k in (0, -1, 1):
+        v = np.zeros((n_e, ui.size), np.float32)
+        v[t] = out[t][ui]
+        v[s] = out[s][ui] + np.float32(k) * TWO_PI
+        lf = _LineFit(tau, mags, ui.size)
+        lf.add(t, v[t])
+        lf.add(s, v[s])
+        for e in sequence:
+            if e != s:
+                v[e] = _unwrap_to(wrapped(e)[ui], lf.predict(e))
+                lf.add(e, v[e])
+        b = _slope(lf.sums)
+        a = (lf.sums[3] - b * lf.sums[1]) / np.maximum(lf.sums[0], np.float32(1e-30))
+        res = np.zeros(ui.size, np.float32)
+        for e in range(n_e):
+            we = np.square(mags[e if len(mags) > 1 else 0])
+            res += we * np.square(v[e] - a - b * np.float32(tau[e]))
+        res /= np.maximum(lf.sums[0], np.float32(1e-30))
+        cands.append(v)
+        costs.append(res)
+        slopes.append(b)
+    costs, slopes = np.array(costs), np.array(slopes)
+    admissible = costs <= 2 * costs.min(axis=0) + np.float32(0.05)
+    dist = np.where(admissible, np.abs(slopes - target), np.inf)
+    pick = np.argmin(dist, axis=0)
+    changed = pick != 0
+    for c in (1, 2):
+        w = pick == c
+        if w.any():
+            out[:, ui[w]] = cands[c][:, w]
+    return int(np.count_nonzero(changed))
+
+
 def _unwrap_box(pb: _Echoes, mb: _Echoes | None, kb: np.ndarray | None, sel: np.ndarray,
                 te: np.ndarray | None, mode: str, t: int, weights: tuple, temporal_reference: str,
-                wrap_addition: float) -> tuple[np.ndarray, np.ndarray, dict]:
+                wrap_addition: float, multi_echo_steps: bool = True,
+                uncertain_ratio: float = 0.25,
+                decision_threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
     """The unwrapping steps on the echoes ``pb`` (phase) and ``mb`` (magnitude) of the working box.
 
     ``kb`` is the mask (or None), ``sel`` the voxels to return (the mask, or all). Returns the
@@ -516,8 +944,15 @@ def _unwrap_box(pb: _Echoes, mb: _Echoes | None, kb: np.ndarray | None, sel: np.
     w_t = weights_of(t, adj)
     quality = voxel_quality(w_t)
     order = seed_order(quality, kb)
-    u_t, regions = grow(pb.vol(t), weight_bins(w_t), order, None, wrap_addition)
+    bins_t = weight_bins(w_t)
     del w_t
+    kt = kd = None
+    if multi_echo_steps and mode == "temporal" and n_e >= 3 and te is not None:
+        kt, kd = multi_echo_edge_wraps(np.stack([pb.vol(e) for e in range(n_e)]),
+                                       None if mb is None else np.stack([mb.vol(e) for e in range(n_e)]),
+                                       te, t, adj, bins_t)
+    u_t, regions = grow(pb.vol(t), bins_t, order, None, wrap_addition, kt)
+    del bins_t, kt
     info = {"seed": tuple(int(i) for i in np.unravel_index(order[0], quality.shape)), "regions": regions}
     out = np.zeros((n_e, int(np.count_nonzero(sel))), dtype=np.float32)
     out[t] = u_t[sel]
@@ -544,7 +979,7 @@ def _unwrap_box(pb: _Echoes, mb: _Echoes | None, kb: np.ndarray | None, sel: np.
         d = _wrap(pb.vol(s) - pb.vol(t))
         ms = None if mb is None else np.minimum(mag_of(s), mag_of(t))
         w_d = romeo_weights(d, pb.vol(t), float((te[s] - te[t]) / te[t]), ms, kb, weights)
-        u_d, _ = grow(d, weight_bins(w_d), order, None, wrap_addition)
+        u_d, _ = grow(d, weight_bins(w_d), order, None, wrap_addition, kd)
         del w_d, d
         out[s] = _unwrap_to(wrapped(s), out[t] + u_d[sel])
         del u_d
@@ -554,6 +989,9 @@ def _unwrap_box(pb: _Echoes, mb: _Echoes | None, kb: np.ndarray | None, sel: np.
             if e != s:
                 out[e] = _unwrap_to(wrapped(e), line.predict(e))
                 line.add(e, out[e])
+        if mb is not None and uncertain_ratio > 0:
+            info["uncertain_redecided"] = _redecide_uncertain(out, wrapped, mb, tau, t, s, sequence, sel,
+                                                              line, uncertain_ratio)
     elif mode == "temporal":  # ROMEO's echo-time ratio to the adjacent unwrapped echo
         # ROMEO's seed correction: the template's 2 pi k at the seed that best matches the
         # adjacent echo in frequency (phase / TE), assuming no phase offset
@@ -586,4 +1024,8 @@ def _unwrap_box(pb: _Echoes, mb: _Echoes | None, kb: np.ndarray | None, sel: np.
             if k:
                 out[e] += np.float32(k) * TWO_PI
             line.add(e, out[e])
+    if mode == "temporal" and decision_threshold > 0 and n_e >= 3 and te is not None:
+        out, dec = decide_echo_counts(out, None if mb is None else np.stack([mb.at_sel(e) for e in range(n_e)]),
+                                      te, t, decision_threshold)
+        info["decision"] = dec
     return out, quality, info

@@ -40,8 +40,21 @@ class RomeoUnwrap(Stage):
         Param("wrap_addition", float, 0.0, unit="rad", range=(0.0, float(np.pi)),
               doc="ROMEO's linear extrapolation: unwrap a voxel against its neighbour plus the step "
                   "before it (clipped to this), to follow steady steps above pi; 0 = off (ROMEO's "
-                  "default); 2 cut the 7 T phantom's first-echo errors from 76 to 22 voxels but adds "
-                  "errors in mode spatial"),
+                  "default); with multi_echo_steps on it adds errors at 7 T (first echo 0 -> 62 voxels) "
+                  "and is best left off"),
+        Param("multi_echo_steps", bool, True,
+              doc="temporal mode, >= 3 echoes: recognise neighbour steps of the template echo (and of "
+                  "the echo difference) beyond pi from all echoes together and follow them; needs an "
+                  "echo time that is not a multiple of the template's (7 T phantom, 30 ms against "
+                  "4 ms: first-echo errors 76 -> 0), changes nothing otherwise"),
+        Param("uncertain_ratio", float, 0.25, range=(0.0, 1.0),
+              doc="temporal mode: where the adjacent echo's magnitude is below this fraction of the "
+                  "template's, re-decide the 2 pi of the echo difference from the neighbours' field "
+                  "(ROMEO's temporal uncertain unwrapping); 0 = off"),
+        Param("decision_threshold", float, 16.0, range=(0.0, None),
+              doc="temporal mode, >= 3 echoes: re-decide each voxel's echo 2 pi counts by the best line "
+                  "fit through all echoes (complex-domain misfit in noise-variance units, noise from "
+                  "the data) where it improves by more than this; 0 = off"),
         Param("use_mask", bool, True,
               doc="unwrap only inside the mask (when one is available); output and quality are 0 "
                   "outside it. Without a mask the whole volume is unwrapped (noise last)"),
@@ -99,6 +112,8 @@ class RomeoUnwrap(Stage):
         u, q, info = romeo_unwrap(data, mag, mask, te, mode=p.mode, template_echo=p.template_echo,
                                   weights=tuple(p.weights), return_quality=True, correct_global=p.correct_global,
                                   temporal_reference=p.temporal_reference, wrap_addition=p.wrap_addition,
+                                  multi_echo_steps=p.multi_echo_steps, uncertain_ratio=p.uncertain_ratio,
+                                  decision_threshold=p.decision_threshold,
                                   return_info=True)
         ctx.log(f"ROMEO unwrapping ({p.mode}{', ' + p.temporal_reference if p.mode == 'temporal' and n_e > 1 else ''}) "
                 f"of {n_e} echo(es) on {data.shape[:3]}, seed {info['seed']}, {info['regions']} region(s)"

@@ -189,3 +189,22 @@ def test_stage_chain_and_metrics(tmp_path):
         assert out["metrics"]["ssim"] > zf["metrics"]["ssim"], params
     with pytest.raises(ParameterError):
         run_stage(K.Calibrationless, art, {"complex_output": "4d"})
+
+
+@pytest.mark.parametrize("name,H,W,levels", [("sym8", 64, 96, 2), ("db1", 16, 32, 3), ("db4", 48, 40, 2),
+                                             ("coif1", 64, 64, 3)])
+def test_torch_dwt_equals_pywt_periodization(name, H, W, levels):
+    """The torch periodic DWT (WaveletOp / Wavelet2D) has PyWavelets' periodization coefficients and layout."""
+    import pywt
+
+    x = _crand((2, 3, H, W), 7).astype(np.complex64)
+    psi = WaveletOp(x.shape, name, levels, "auto")
+    assert psi.wt.backend == "torch" and psi.wt.levels == levels
+    c = psi.apply(torch.from_numpy(x)).numpy()
+
+    def ref(a):
+        return pywt.coeffs_to_array(pywt.wavedec2(a, name, mode="periodization", level=levels, axes=(-2, -1)),
+                                    axes=(-2, -1))[0]
+
+    np.testing.assert_allclose(c, ref(x.real) + 1j * ref(x.imag), atol=1e-5)
+    np.testing.assert_allclose(psi.adjoint(torch.from_numpy(c)).numpy(), x, atol=1e-5)

@@ -191,6 +191,34 @@ def test_output_low_frequencies_are_the_combined_measured_data_multicoil():
     assert float((Lt * (Kx - ref)).abs().max()) <= 1e-6 * float(Kx.abs().pow(2).sum().sqrt())
 
 
+def test_support_empties_the_background_and_keeps_the_low_frequencies():
+    L = low_frequency_mask((16, 16), "low_frequency", 4)
+    Lt = torch.from_numpy(L)
+    maps, _, k = multicoil()
+    inside = torch.zeros(16, 16)
+    inside[3:13, 2:14] = 1.0  # cropped maps: zero outside a box
+    maps = maps * inside
+    mask = column_mask(16, 4, 3)
+    y = _fft(maps[:, 0] * _ifft_img(k, maps)[:, None]) * mask
+    common = dict(n_steps=8, generator=None)
+    plain = hfs_sde_reconstruct(random_eps_seeded(), y, maps, mask, L, HFSSDE("vp"), **common)
+    kept = hfs_sde_reconstruct(random_eps_seeded(), y, maps, mask, L, HFSSDE("vp"), support=True, **common)
+    ref = _fft(SenseOp(maps, mask).adjoint(Lt * y)[:, 0])
+    Kx = _fft(kept)
+    # the low frequencies are still the combined measured data, to float precision
+    assert float((Lt * (Kx - ref)).abs().max()) <= 1e-6 * float(Kx.abs().pow(2).sum().sqrt())
+    # and the background (where every map is zero) holds much less energy than without support
+    out = 1 - inside
+    assert float((out * kept).abs().pow(2).sum()) < 0.5 * float((out * plain).abs().pow(2).sum())
+
+
+def _ifft_img(k, maps):
+    """The SENSE combination of fully sampled coil k-space (S, C, H, W)."""
+    from qsmkit_kspace.hfs_sde import _ifft
+
+    return (maps[:, 0].conj() * _ifft(k)).sum(1)
+
+
 def test_sampler_refuses_a_mask_without_the_low_frequencies():
     L = low_frequency_mask((16, 16), "low_frequency", 8)
     maps, _, k = multicoil()
@@ -306,9 +334,11 @@ def test_stage_defaults_follow_the_authors(tiny_checkpoint, monkeypatch):
     run_stage(HfsSde, _artifacts(), {"checkpoint": str(tiny_checkpoint)})
     assert (seen["n_steps"], seen["snr"], seen["mse"], seen["corrector_mse"]) == (1000, 0.16, 2.5, 0.1)
     assert seen["predictor"] == "euler_maruyama" and seen["L"].sum() == 4
+    assert seen["t_eps"] == 1e-3 and seen["support"] is True  # score_sde's eps; support is ours
     run_stage(HfsSde, _artifacts(), {"checkpoint": str(tiny_checkpoint), "accelerated": True,
                                      "low_frequency": "center", "acs": 2})
     assert (seen["n_steps"], seen["snr"]) == (100, 0.32) and seen["L"].shape == (16, 16) and seen["L"].sum() == 4
+    assert seen["t_eps"] == 0.03  # tuned on validation slices (docs/hfs_sde.md)
 
 
 def test_stage_checkpoint_errors_are_one_line(tmp_path, tiny_checkpoint):

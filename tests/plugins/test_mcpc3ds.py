@@ -3,8 +3,8 @@
 Acceptance (issue 11): on a phantom with a coil-like, wrapping phi0 (``phase_offset="coil"``,
 ~7.5 rad across the brain) MCPC-3D-S recovers phi0 to < 0.05 rad RMS in the brain (measured
 0.016 on this 64^3 x 1.5 mm head, 0.007 on the default phantom), and the total field after
-MCPC-3D-S -> unwrap -> weighted fit matches the field of the phi0-free phantom (same noise) to
-< 1 % NRMSE. The bipolar option removes an odd/even term ``delta = b (1 + x/FOV)``.
+MCPC-3D-S -> unwrap -> weighted fit matches the field of the phi0-free phantom to < 1 % NRMSE over
+the whole brain mask (noise-free; with noise, beyond the noise-only difference). The bipolar option removes an odd/even term ``delta = b (1 + x/FOV)``.
 """
 
 from __future__ import annotations
@@ -65,31 +65,54 @@ def test_coil_phi0_recovered(coil, no_offset):
     assert d < 0.05, d
 
 
-def test_total_field_unchanged_by_offset_and_correction():
-    """MCPC-3D-S -> unwrap (romeo) -> weighted fit on the coil-phi0 phantom gives the total field of
-    the phi0-free phantom. Noise-free phantoms: with noise the correction rotates the noise
-    (n exp(-i phi0)), i.e. a new noise realisation, and the comparison would measure the noise.
+def _total_field(phase_offset, snr):
+    """MCPC-3D-S (coil offset only) -> unwrap (romeo) -> weighted fit: the total field (ppm)."""
+    p = simulate_phantom(phase_offset=phase_offset, snr=snr, **KW)
+    art = _art(p)
+    if phase_offset == "coil":
+        art = run_stage(MCPC3DS, art)
+    art = run_stage(RomeoUnwrap, art)
+    return run_stage(WeightedFit, art)["total_field"].data, p
 
-    Tolerance: NRMSE < 1 % on the mask eroded by 3 mm (measured 0.13 %); over the whole mask
-    > 99.9 % of voxels agree within 0.01 ppm (one or two edge voxels by the mastoid air cells,
-    with almost no late-echo signal, flip their unwrapping and dominate a whole-mask NRMSE).
-    """
+
+@pytest.fixture(scope="module")
+def fields():
+    """Total fields of the coil-phi0 phantom after MCPC-3D-S and of the phi0-free phantom,
+    noise-free and at the simulator's default SNR, and the masks (whole, eroded by 3 mm)."""
     from qsmkit_mask import erode_mm
 
-    fields = []
-    for mode in ("coil", "none"):
-        p = simulate_phantom(phase_offset=mode, snr=None, **KW)
-        art = _art(p)
-        if mode == "coil":
-            art = run_stage(MCPC3DS, art)
-        art = run_stage(RomeoUnwrap, art)
-        art = run_stage(WeightedFit, art)
-        fields.append(art["total_field"].data)
-    m = p.mask.data
-    inner = erode_mm(m, 3.0, p.mask.voxel_size)
-    e = nrmse(fields[1], fields[0], inner)
-    assert e < 1.0, e
-    assert np.mean(np.abs(fields[0] - fields[1])[m] < 0.01) > 0.999
+    out = {}
+    for snr in (None, 100.0):
+        for mode in ("coil", "none"):
+            out[mode, snr], p = _total_field(mode, snr)
+    m = p.mask.data > 0
+    return out, m, erode_mm(m, 3.0, p.mask.voxel_size)
+
+
+def test_total_field_unchanged_by_offset_and_correction(fields):
+    """Noise-free: the total field after MCPC-3D-S equals that of the phi0-free phantom to < 1 %
+    NRMSE over the whole brain mask (measured 0.28 %; eroded by 3 mm 0.13 %). Before the
+    uncertain-voxel re-decision of unwrap/romeo this was 6 %: one mastoid-edge voxel whose echo-2
+    magnitude is 8 % of echo 1's (a signal null) took the other 2 pi of the echo 1 -> 2 difference
+    (the residual phi0 error there, 0.05 rad, changed the growth path), and with echoes at
+    multiples of 4 ms all later echoes follow that line: -2.57 instead of -0.61 ppm."""
+    f, m, inner = fields
+    assert nrmse(f["none", None], f["coil", None], m) < 1.0
+    assert nrmse(f["none", None], f["coil", None], inner) < 0.5
+
+
+def test_total_field_unchanged_with_noise_beyond_the_noise_itself(fields):
+    """With noise the correction rotates the noise (n exp(-i phi0)): the two phantoms carry different
+    noise realisations, so their fields differ by the noise alone (measured 3.3 % over the whole
+    mask: 2.1 % and 2.6 % between each noisy field and its noise-free one). The 1 % criterion is
+    read as the difference beyond that: sqrt(e^2 - n_none^2 - n_coil^2) < 1 % (measured 0.4 %;
+    on the eroded mask e = 1.08 % against a noise-only 1.18 %)."""
+    f, m, inner = fields
+    for msk in (m, inner):
+        e = nrmse(f["none", 100.0], f["coil", 100.0], msk)
+        n_none = nrmse(f["none", None], f["none", 100.0], msk)
+        n_coil = nrmse(f["coil", None], f["coil", 100.0], msk)
+        assert e * e - n_none ** 2 - n_coil ** 2 < 1.0, (e, n_none, n_coil)
 
 
 def test_bipolar_term_removed():

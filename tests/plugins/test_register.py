@@ -210,7 +210,8 @@ def test_five_orientations_rotations_recovered():
         trans_err.append(np.linalg.norm((mat - true)[:3, :3] @ centre + (mat - true)[:3, 3]))
         assert tr["converged"] and tr["mask_dice"] > 0.95
         assert abs(tr["rotation_angle_deg"] - rotation_angle_deg(ph.rotation)) < 0.5
-    # measured: rotation errors 0.007-0.031 deg, translations at the brain centre <= 0.007 mm
+    # measured (stage default, finest level 2 mm): rotation errors 0.058-0.197 deg, translations at the
+    # brain centre <= 0.006 mm (with the 1 mm level, finest_level_mm 0: 0.007-0.022 deg, <= 0.009 mm)
     assert max(rot_err) < 0.5, rot_err
     assert max(trans_err) < 0.5, trans_err
     # B0 of every orientation in the reference voxel frame = R.T @ z (axial reference)
@@ -307,3 +308,232 @@ def test_rigid_register_recovers_known_motion_correlation():
     assert res.converged
     assert rotation_angle_deg(res.matrix[:3, :3] @ q.T) < 0.3
     assert np.linalg.norm(res.matrix[:3, 3] - t) < 0.3
+
+
+# --------------------------------------------------------------------------- issue 20: reproducible, parallel, known mode
+def test_rotation_does_not_depend_on_itk_threads():
+    """The 20 deg orientation of the simulator with 1 and 2 ITK threads: the same rotation (a previous
+    speed-up found 15.6 deg instead of 19.9 deg depending on the thread count and the test order)."""
+    phs = _phantoms()
+    ref, mov = phs[0], phs[2]
+    angles = []
+    for threads in (1, 2):
+        res = rigid_register(ref.magnitude.data[..., 0], ref.magnitude.affine, mov.magnitude.data[..., 0],
+                             mov.magnitude.affine, ref.mask.data, mov.mask.data, threads=threads)
+        assert res.converged
+        assert rotation_angle_deg(res.matrix[:3, :3] @ mov.rotation.T) < 0.1
+        angles.append(res.rotation_angle_deg)
+    assert abs(angles[0] - angles[1]) < 0.05, angles
+    assert abs(angles[0] - 20.0) < 0.1
+
+
+def test_stage_result_does_not_depend_on_workers():
+    """One worker or two processes: bit-identical transforms (every registration runs on one ITK thread)
+    and resampled arrays (each worker resamples its orientation)."""
+    orients = _small_pair(_rot("y", 19.9) @ _rot("x", 4.0), np.array([2.0, -1.0, 3.0]))
+    orients.append(_small_pair(_rot("x", -14.0), np.array([-1.0, 2.0, 0.0]))[1])
+    out1, out2 = _run(orients, workers=1), _run(orients, workers=2)
+    one, two = out1["transforms"], out2["transforms"]
+    for a, b in zip(one[1:], two[1:]):
+        np.testing.assert_array_equal(np.asarray(a["matrix"]), np.asarray(b["matrix"]))
+    # the workers also resample their orientation: the same arrays as the serial run
+    for a, b in zip(out1["orientations"][1:], out2["orientations"][1:]):
+        for key in ("local_field", "mask", "magnitude", "noise_weight"):
+            np.testing.assert_array_equal(a[key].data, b[key].data)
+    assert rotation_angle_deg(np.asarray(one[1]["matrix"])[:3, :3] @ (_rot("y", 19.9) @ _rot("x", 4.0)).T) < 0.3
+
+
+def test_resampling_does_not_depend_on_itk_threads():
+    """The workers resample with the stage's threads shared among them: B-spline and linear resampling
+    (and the masked field resampling built on them) give the same bits for 1 and 3 ITK threads."""
+    from qsmkit_register.rigid import _itk_threads, resample_masked
+
+    shape = (36, 40, 30)
+    aff = _affine(shape, (2.0, 2.0, 2.0))
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = _rot("y", 13.0) @ _rot("x", -7.0), (1.3, -2.1, 0.7)
+    data = np.random.default_rng(2).random(shape).astype(np.float32)
+    mask = data > 0.3
+    outs = []
+    for threads in (1, 3):
+        with _itk_threads(threads):
+            outs.append((resample_to_reference(data, aff, shape, aff, m, "bspline"),
+                         *resample_masked(data, mask, aff, shape, aff, m, "bspline")))
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)
+    assert outs[0][2].sum() > 0.5 * mask.sum()
+
+
+def test_crop_to_mask_keeps_world_positions():
+    from qsmkit_register.rigid import crop_to_mask
+
+    shape = (30, 32, 28)
+    aff = _affine(shape, (2.0, 1.5, 3.0), _rot("z", 10.0))
+    data = np.random.default_rng(1).random(shape).astype(np.float32)
+    mask = np.zeros(shape, bool)
+    mask[10:15, 8:20, 5:9] = True
+    box, box_aff, box_mask = crop_to_mask(data, aff, mask, 2)
+    assert box.shape == (9, 16, 8) and box_mask.sum() == mask.sum()
+    np.testing.assert_allclose(box_aff @ [0, 0, 0, 1], aff @ [8, 6, 3, 1])
+    assert box[0, 0, 0] == data[8, 6, 3]
+
+
+def _tilted_orientations(rotations, shape=(64, 72, 56), voxel_size=3.0):
+    """Simulated head orientations whose voxel grids followed the head: orientation i's affine is
+    ``T_i @ A_0`` with ``T_i`` the head rotation about the FOV centre (the true reference world ->
+    orientation world transform), as a scanner's auto-align would record it."""
+    from qsmkit.simulate import simulate_phantom
+
+    ref = simulate_phantom(shape=shape, voxel_size=(voxel_size,) * 3, snr=None, seed=0)
+    a0, c = ref.magnitude.affine, np.asarray(ref.meta["rotation_center_mm"])
+    phs, mats = [ref], [np.eye(4)]
+    for k, (rx, ry, rz) in enumerate(rotations[1:], 1):
+        t = np.eye(4)
+        t[:3, :3] = _rot("z", rz) @ _rot("y", ry) @ _rot("x", rx)
+        t[:3, 3] = c - t[:3, :3] @ c
+        ph = simulate_phantom(shape=shape, affine=t @ a0, rotation_deg=(rx, ry, rz), snr=None, seed=k)
+        np.testing.assert_allclose(ph.rotation, t[:3, :3], atol=1e-12)
+        phs.append(ph)
+        mats.append(t)
+    orients = [{"magnitude": ph.magnitude, "mask": ph.truth["mask"], "local_field": ph.truth["local_field"],
+                "echo_times": ph.echo_times, "field_strength": ph.field_strength} for ph in phs]
+    return phs, mats, orients
+
+
+def _cosmos_chi(out: dict) -> dict:
+    """``inversion/cosmos`` (default parameters) of a register stage's output."""
+    from helpers import run_stage
+
+    from qsmkit.plugins import load_registry
+
+    return run_stage(load_registry().get("inversion", "cosmos"), {"orientations": out["orientations"]})
+
+
+def _chi_nrmse(chi_a: dict, chi_b: dict) -> float:
+    """NRMSE (fraction) of COSMOS chi ``chi_a`` against ``chi_b`` (demeaned, on the intersection of their masks)."""
+    region = chi_a["mask"].data & chi_b["mask"].data
+    assert region.sum() > 0.95 * chi_a["mask"].data.sum()
+    a, b = chi_a["chi"].data[region], chi_b["chi"].data[region]
+    return float(np.linalg.norm((a - a.mean()) - (b - b.mean())) / np.linalg.norm(b - b.mean()))
+
+
+def test_known_matrices_give_the_chi_of_registration():
+    """Acceptance 2 (issue 20): register/known skips registration and gives the chi of registration
+    within 1 % NRMSE when its rotations are those of the registration, and the exact (simulator)
+    rotations give a chi at least as close to the truth as registration's.
+
+    The exact rotations do not give registration's chi within 1 %, because registration is not exact:
+    at the stage default (finest level 2 mm) on this 1 mm dataset it is off by 0.06-0.20 deg, which
+    changes the resampled local fields by 1.6-5.1 % inside the brain (vessels and edges are sharp) and
+    COSMOS chi by 2.3 %; with the 1 mm level (0.007-0.022 deg) still 0.2-0.7 % and 1.7 % (closed form
+    1.2 %), so no registration setting brings that comparison below 1 %. It is registration error,
+    not a known-mode defect: the known chi's NRMSE against the truth is 16.66 %, registration's 16.73 %
+    (16.60 % with the 1 mm level)."""
+    from helpers import run_stage
+
+    from qsmkit import metrics as qm
+
+    from qsmkit_register import KnownRegister
+
+    phs = _phantoms()
+    orients = [{"magnitude": ph.magnitude, "mask": ph.truth["mask"], "local_field": ph.truth["local_field"],
+                "echo_times": ph.echo_times, "field_strength": ph.field_strength} for ph in phs]
+    exact = []
+    for ph in phs[1:]:  # simulator: reference x <-> orientation R (x - c) + c
+        c, m = np.asarray(ph.meta["rotation_center_mm"]), np.eye(4)
+        m[:3, :3], m[:3, 3] = ph.rotation, c - ph.rotation @ c
+        exact.append(m.tolist())
+    registered = _registered()
+    known = run_stage(KnownRegister, {"orientations": orients}, {"source": "matrices", "matrices": exact})
+    for o, ph in zip(known["orientations"], phs):
+        np.testing.assert_allclose(o["local_field"].b0_direction, ph.rotation.T @ [0, 0, 1.0], atol=1e-9)
+    same = run_stage(KnownRegister, {"orientations": orients},
+                     {"source": "matrices", "matrices": [t["matrix"] for t in registered["transforms"][1:]]})
+    chi_reg, chi_known, chi_same = _cosmos_chi(registered), _cosmos_chi(known), _cosmos_chi(same)
+    assert _chi_nrmse(chi_same, chi_reg) < 0.01  # measured 0 (the same resampling, B0 rotation and inversion)
+    truth, ref_mask = phs[0].truth["chi"].data, phs[0].truth["mask"].data
+    e_reg = qm.evaluate(truth, chi_reg["chi"].data, chi_reg["mask"].data & ref_mask)["nrmse"]
+    e_known = qm.evaluate(truth, chi_known["chi"].data, chi_known["mask"].data & ref_mask)["nrmse"]
+    assert e_known <= 1.01 * e_reg, (e_known, e_reg)  # measured 16.66 % vs 16.73 %
+    # known vs registration directly: the registration error above (measured 2.3 %)
+    assert _chi_nrmse(chi_known, chi_reg) < 0.04
+
+
+def test_known_rotations_from_affines():
+    """register/known (source affines) on orientations whose grids followed the head: the exact
+    transforms, B0 = R.T @ z in the reference voxel frame, and the COSMOS chi of the truth."""
+    from helpers import run_stage
+
+    from qsmkit import metrics as qm
+    from qsmkit.plugins import load_registry
+
+    from qsmkit_register import KnownRegister
+
+    phs, mats, orients = _tilted_orientations([(0, 0, 0), (15, 0, 0), (0, 20, 0)])
+    known = run_stage(KnownRegister, {"orientations": orients})
+    for tr, t in zip(known["transforms"], mats):
+        np.testing.assert_allclose(np.asarray(tr["matrix"]), t, atol=1e-9)
+    for o, t in zip(known["orientations"], mats):
+        np.testing.assert_allclose(o["local_field"].b0_direction, t[:3, :3].T @ [0, 0, 1.0], atol=1e-9)
+    chi = run_stage(load_registry().get("inversion", "cosmos"), {"orientations": known["orientations"]})
+    tkd = run_stage(load_registry().get("inversion", "tkd"), {"local_field": orients[0]["local_field"],
+                                                              "mask": orients[0]["mask"]})
+    region = chi["mask"].data & phs[0].truth["mask"].data
+    e_c = qm.evaluate(phs[0].truth["chi"].data, chi["chi"].data, region)
+    e_t = qm.evaluate(phs[0].truth["chi"].data, tkd["chi"].data, region)
+    assert e_c["nrmse"] < 0.8 * e_t["nrmse"], (e_c["nrmse"], e_t["nrmse"])
+
+
+def test_known_matrices_run_no_registration(monkeypatch):
+    """register/known with given matrices: no SimpleITK optimisation runs; the transforms are the given ones."""
+    from qsmkit_register import KnownRegister
+
+    q, t = _rot("x", 12.0), np.array([2.0, 0.0, -1.0])
+    orients = _small_pair(q, t)
+
+    def no_registration(*a, **k):
+        raise AssertionError("register/known ran a SimpleITK registration")
+
+    monkeypatch.setattr(sitk, "ImageRegistrationMethod", no_registration)
+    monkeypatch.setattr("qsmkit_register.rigid.rigid_register", no_registration)
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = q, t
+    p = KnownRegister.validate_params({"source": "matrices", "matrices": [m.tolist()]}, where="stages.4")
+    out = KnownRegister().run(StageContext({"orientations": orients}, stage_label="register/known",
+                                           log=lambda msg: None), p)
+    tr = out["transforms"][1]
+    np.testing.assert_allclose(np.asarray(tr["matrix"]), m)
+    assert tr["iterations"] == 0 and tr["metric_value"] is None and tr["mask_dice"] > 0.97
+    assert tr["rotation_angle_deg"] == pytest.approx(12.0)
+    np.testing.assert_allclose(euler_matrix(np.radians(tr["rotation_deg"])), q, atol=1e-12)
+    reg = out["orientations"][1]
+    np.testing.assert_allclose(reg["local_field"].b0_direction, q.T @ [0, 0, 1.0], atol=1e-9)
+
+
+def test_known_matrices_errors():
+    from qsmkit_register import KnownRegister
+
+    orients = _small_pair(_rot("x", 12.0))
+
+    def run(params):
+        p = KnownRegister.validate_params(params, where="stages.4")
+        return KnownRegister().run(StageContext({"orientations": orients}, stage_label="register/known",
+                                                log=lambda msg: None), p)
+
+    with pytest.raises(ParameterError, match="needs matrices"):
+        run({"source": "matrices"})
+    with pytest.raises(ParameterError, match="3 entries for 1 orientations"):
+        run({"source": "matrices", "matrices": [np.eye(4).tolist()] * 3})
+    with pytest.raises(ParameterError, match="first .* is not the identity"):
+        run({"source": "matrices", "matrices": [(2 * np.eye(4)).tolist(), np.eye(4).tolist()]})
+    scaled = np.eye(4)
+    scaled[0, 0] = 1.2
+    with pytest.raises(ParameterError, match="not a rotation plus translation"):
+        run({"source": "matrices", "matrices": [scaled.tolist()]})
+    with pytest.raises(ParameterError, match=r"matrices\[0\] is not a 4x4"):
+        run({"source": "matrices", "matrices": [[1, 2, 3]]})
+    # a wrong matrix (30 mm off along z): the mask overlap check says so
+    far = np.eye(4)
+    far[2, 3] = 30.0
+    with pytest.raises(StageError, match=r"orientation 1 \(ori-2_mag.nii.gz\).*Dice"):
+        run({"source": "matrices", "matrices": [far.tolist()], "min_fov_fraction": 0.0})

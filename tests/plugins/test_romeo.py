@@ -161,10 +161,14 @@ def test_temporal_fit_is_insensitive_to_a_phase_offset_unlike_the_plain_echo_tim
         truth, mag, m = _multi_echo(offset)
         wrapped = _wrap(truth)
         fit = romeo_unwrap(wrapped, mag, m, TES, temporal_reference="fit")
-        ratio = romeo_unwrap(wrapped, mag, m, TES, temporal_reference="ratio")
+        # ROMEO's plain ratio rule (the per-voxel echo decision off) ...
+        ratio = romeo_unwrap(wrapped, mag, m, TES, temporal_reference="ratio", decision_threshold=0)
         assert all(_exact_up_to_2pi_k(fit[..., e], truth[..., e], m) for e in range(len(TES)))
         exact = [_exact_up_to_2pi_k(ratio[..., e], truth[..., e], m) for e in range(len(TES))]
         assert all(exact) == ratio_exact
+        # ... and with it (the default): the line fit through all echoes repairs the ratio's counts
+        decided = romeo_unwrap(wrapped, mag, m, TES, temporal_reference="ratio")
+        assert all(_exact_up_to_2pi_k(decided[..., e], truth[..., e], m) for e in range(len(TES)))
     # ROMEO's rule puts echo 2 at 2 * (phi0 + omega TE1): off by phi0, more than pi in places
     assert exact[0] and not exact[1]
 
@@ -215,6 +219,38 @@ def test_noisy_7t_phantom_has_no_wrong_voxel_where_the_answer_is_unique():
         assert wrong.sum() <= 0.002 * m.sum(), e
     # the quality map is low where the phase is under-sampled
     assert np.median(q[m & ~well]) < 0.5 * np.median(q[well])
+
+
+def test_steps_beyond_pi_are_followed_with_a_non_multiple_echo():
+    """First-echo steps of 4 rad per voxel along x (next to strong sources at 7 T): one wrapped
+    echo cannot tell 4 rad from 4 - 2 pi, but the 30 ms echo (7.5 x TE1) can, so the temporal mode
+    is exact with the multi-echo edge steps and wrong without them. With echo times that are all
+    multiples of TE1 no candidate fits better: nothing is changed (a tie keeps the smaller step)."""
+    from qsmkit_unwrap.romeo import multi_echo_edge_wraps, weight_bins
+
+    shape = (28, 12, 10)
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    # up 4 rad per voxel over x = 6..11, down again over x = 16..21 (flat ends: the seed's phase is small)
+    phi1 = 4.0 * (np.clip(x - 6, 0, 5) - np.clip(x - 16, 0, 5)) + 0.1 * y - 0.05 * z + 0.01 * (y - 6) ** 2
+    truth = phi1[..., None] * (TES / TES[0])
+    mag = np.ones(truth.shape, np.float32)
+    u = romeo_unwrap(_wrap(truth), mag, None, TES, correct_global=False)
+    for e in range(len(TES)):  # one free 2 pi k per echo (the seed's), as in bench_unwrap
+        assert _exact_up_to_2pi_k(u[..., e], truth[..., e], np.ones(shape, bool)), e
+    plain = romeo_unwrap(_wrap(truth), mag, None, TES, correct_global=False, multi_echo_steps=False)
+    assert not _exact_up_to_2pi_k(plain[..., 0], truth[..., 0], np.ones(shape, bool))
+    # the edge estimate itself: +-1 turn on the steep x edges (4 rad wraps to 4 - 2 pi), none elsewhere
+    ph = np.ascontiguousarray(np.moveaxis(_wrap(truth), -1, 0))
+    bins = weight_bins(romeo_weights(ph[0]))
+    kt, kd = multi_echo_edge_wraps(ph, None, TES, 0, 1, bins)
+    kt = kt.reshape(shape + (3,))
+    want = np.zeros(shape, np.int8)
+    want[6:11], want[16:21] = 1, -1
+    assert np.array_equal(kt[..., 0], want) and not kt[..., 1:].any()
+    assert np.array_equal(kd.reshape(shape + (3,)), kt)  # the 4 ms difference has the same steps
+    five = TES[:5]  # 4 ... 20 ms: every echo a multiple of TE1
+    kt5, kd5 = multi_echo_edge_wraps(ph[:5], None, five, 0, 1, bins)
+    assert not kt5.any() and not kd5.any()
 
 
 def _ctx(phase, mask=None, mag=None, te=None, vs=(2.0, 2.0, 2.0)):
@@ -302,3 +338,36 @@ def test_quality_artifact_is_written_by_a_pipeline_run(tmp_path):
     air = ph.magnitude.data[..., 0] < 0.05 * np.percentile(ph.magnitude.data[..., 0], 99)
     # reliable in the brain, low in the noise outside the head: usable for masking
     assert np.median(q[brain]) > 0.6 and np.median(q[air]) < 0.1  # measured 0.75 and 0.01
+
+
+def test_per_voxel_echo_decision_fixes_counts_the_echoes_determine_and_keeps_noise_level_voxels():
+    from qsmkit_unwrap.romeo import decide_echo_counts
+
+    rng = np.random.default_rng(3)
+    n, sigma = 400, 0.01
+    te = TES  # 4..20 ms and 30 ms: a slope error of 2 pi per 4 ms shows in the last echo as pi
+    omega = rng.uniform(-300, 300, n)  # rad/s
+    phi0 = rng.uniform(-1, 1, n)
+    amp = np.exp(-te[:, None] / 0.03) * np.ones(n)  # T2* 30 ms, SNR 100 -> 37 over the echoes
+    amp[:, -1] = amp[:, -1]
+    fast = 399  # a voxel whose signal is gone after the second echo (T2* 2 ms): noise level
+    amp[:, fast] = np.exp(-te / 0.002)
+    sig = amp * np.exp(1j * (phi0 + omega * te[:, None]))
+    sig = sig + sigma * (rng.standard_normal(sig.shape) + 1j * rng.standard_normal(sig.shape))
+    truth = phi0 + omega * te[:, None]
+    y = truth + np.angle(sig * np.exp(-1j * truth))  # correctly unwrapped noisy phase
+    y = y.astype(np.float32)
+    wrong = y.copy()
+    tau = (te - te[0]) / (te[1] - te[0])
+    wrong[:, 0] += TWO_PI * np.round(tau)  # voxel 0: the echo difference off by 2 pi, later echoes on its line
+    wrong[3, 1] -= TWO_PI  # voxel 1: echo 4 alone off by 2 pi
+    wrong[1:, fast] += TWO_PI * np.round(tau[1:])  # the noise-level voxel: the same wrong line
+    out, info = decide_echo_counts(wrong, np.abs(sig).astype(np.float32), te, template=0)
+    assert abs(info["sigma"] / sigma - 1) < 0.2  # the noise estimated from the data
+    k = np.round((out - y) / TWO_PI)
+    assert np.all(k[:, :fast] == 0)  # both wrong voxels fixed, no correct voxel changed
+    # the noise-level voxel: its echoes cannot decide (the later echoes are noise), so it is kept
+    assert np.array_equal(out[:, fast], wrong[:, fast])
+    assert info["changed"] == 2
+    with pytest.raises(ParameterError, match="3 or more echoes"):
+        decide_echo_counts(wrong[:2], None, te[:2])
