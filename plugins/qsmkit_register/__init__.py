@@ -90,6 +90,18 @@ def _identity_transform(i: int, entry: dict) -> dict:
             "converged": True, "stop_condition": "reference orientation", "iterations": 0}
 
 
+#: parameters shared by ``register/simpleitk`` and ``register/known``: resampling and the result checks
+_INTERPOLATION = Param("interpolation", str, "bspline", choices=("linear", "bspline"),
+                       doc="resampling of local field / noise weight / magnitude (masks are resampled linearly "
+                           "and thresholded at 0.5; fields by normalised interpolation inside the mask)")
+_CHECKS = (
+    Param("min_fov_fraction", float, 0.9, range=(0.0, 1.0),
+          doc="error when less than this fraction of an orientation's mask lands inside the reference grid"),
+    Param("min_mask_dice", float, 0.7, range=(0.0, 1.0),
+          doc="error when the transformed mask overlaps the reference mask less than this (Dice)"),
+)
+
+
 class SimpleITKRegister(Stage):
     """Rigid Euler3D registration of each orientation's first echo magnitude to the reference's."""
 
@@ -128,15 +140,10 @@ class SimpleITKRegister(Stage):
         Param("search_step_deg", float, 10.0, unit="deg", range=(1.0, 45.0), doc="step of that search"),
         Param("use_masks", bool, True, doc="restrict the metric to the (dilated) brain masks"),
         Param("mask_margin_mm", float, 4.0, unit="mm", range=(0.0, 50.0), doc="dilation of the metric masks"),
-        Param("interpolation", str, "bspline", choices=("linear", "bspline"),
-              doc="resampling of local field / noise weight / magnitude (masks are resampled linearly "
-                  "and thresholded at 0.5; fields by normalised interpolation inside the mask)"),
+        _INTERPOLATION,
         Param("require_convergence", bool, True,
               doc="error when the optimizer stops at the iteration limit of the finest level"),
-        Param("min_fov_fraction", float, 0.9, range=(0.0, 1.0),
-              doc="error when less than this fraction of an orientation's mask lands inside the reference grid"),
-        Param("min_mask_dice", float, 0.7, range=(0.0, 1.0),
-              doc="error when the registered mask overlaps the reference mask less than this (Dice)"),
+        *_CHECKS,
         Param("workers", int, 0, range=(0, 64),
               doc="orientations registered and resampled at once, in separate processes (registration on "
                   "one ITK thread, resampling on the stage's threads shared among them; 0 = the threads "
@@ -236,12 +243,8 @@ class KnownRegister(Stage):
         Param("matrices", list, None, item_type=list,
               doc="4x4 reference world -> orientation world matrices (mm), one per orientation after the "
                   "reference (or one per orientation, the first the identity)"),
-        Param("interpolation", str, "bspline", choices=("linear", "bspline"),
-              doc="resampling of local field / noise weight / magnitude (as register/simpleitk)"),
-        Param("min_fov_fraction", float, 0.9, range=(0.0, 1.0),
-              doc="error when less than this fraction of an orientation's mask lands inside the reference grid"),
-        Param("min_mask_dice", float, 0.7, range=(0.0, 1.0),
-              doc="error when the transformed mask overlaps the reference mask less than this (Dice)"),
+        _INTERPOLATION,
+        *_CHECKS,
         Param("workers", int, 0, range=(0, 64),
               doc="orientations resampled at once, in separate processes sharing the stage's threads "
                   "(0 = the threads qsmkit gives this stage, 1 = here; the result does not depend on it)"),

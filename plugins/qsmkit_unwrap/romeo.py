@@ -623,7 +623,7 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
                  weights: Sequence[str] = DEFAULT_WEIGHTS, return_quality: bool = False, *,
                  correct_global: bool = True, temporal_reference: str = "fit", wrap_addition: float = 0.0,
                  multi_echo_steps: bool = True, uncertain_ratio: float = 0.25,
-                 decision_threshold: float = DECISION_THRESHOLD, return_info: bool = False):
+                 decision_threshold: float | None = None, return_info: bool = False):
     """ROMEO-like quality-guided unwrapping of 3D or multi-echo 4D phase (Dymerska et al. 2021).
 
     Parameters
@@ -672,6 +672,9 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
         echoes' 2 pi counts of every voxel are re-decided by the best weighted line fit through all
         echoes (:func:`decide_echo_counts`); counts change only where the fit's ``chi^2`` (in units
         of the noise variance, estimated from the data) drops by more than this. 0 turns it off.
+        None (default): :data:`DECISION_THRESHOLD` with ``temporal_reference="ratio"``, whose counts
+        it repairs when there is a phase offset, and off with ``"fit"``: there it changed no voxel
+        of the 3 T and 7 T benchmark heads (``benchmarks/bench_unwrap.py``) and cost 0.5 s per echo.
     return_info : bool
         Also return a dict (seed index, number of regions, mode).
 
@@ -694,9 +697,11 @@ def romeo_unwrap(phase: np.ndarray, magnitude: np.ndarray | None = None, mask: n
         raise ParameterError(f"romeo: mode {mode!r} is unknown; choose one of {', '.join(MODES)}")
     if not 0.0 <= float(uncertain_ratio) <= 1.0:
         raise ParameterError(f"romeo: uncertain_ratio = {uncertain_ratio} is outside [0, 1]; 0.25 is the default, 0 = off")
+    if decision_threshold is None:
+        decision_threshold = DECISION_THRESHOLD if temporal_reference == "ratio" else 0.0
     if not float(decision_threshold) >= 0.0:
         raise ParameterError(f"romeo: decision_threshold = {decision_threshold} must be >= 0 (chi^2 units; "
-                             f"{DECISION_THRESHOLD:g} is the default, 0 = off)")
+                             f"{DECISION_THRESHOLD:g} is the default with the ratio reference, 0 = off)")
     if not 0.0 <= float(wrap_addition) <= np.pi:
         raise ParameterError(f"romeo: wrap_addition = {wrap_addition} rad is outside [0, pi]")
     if temporal_reference not in TEMPORAL_REFERENCES:

@@ -51,10 +51,11 @@ class RomeoUnwrap(Stage):
               doc="temporal mode: where the adjacent echo's magnitude is below this fraction of the "
                   "template's, re-decide the 2 pi of the echo difference from the neighbours' field "
                   "(ROMEO's temporal uncertain unwrapping); 0 = off"),
-        Param("decision_threshold", float, 16.0, range=(0.0, None),
+        Param("decision_threshold", float, None, range=(0.0, None),
               doc="temporal mode, >= 3 echoes: re-decide each voxel's echo 2 pi counts by the best line "
                   "fit through all echoes (complex-domain misfit in noise-variance units, noise from "
-                  "the data) where it improves by more than this; 0 = off"),
+                  "the data) where it improves by more than this; 0 = off; default: 16 with "
+                  "temporal_reference ratio, off with fit (it changed nothing there, at 0.5 s per echo)"),
         Param("use_mask", bool, True,
               doc="unwrap only inside the mask (when one is available); output and quality are 0 "
                   "outside it. Without a mask the whole volume is unwrapped (noise last)"),
