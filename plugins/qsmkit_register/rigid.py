@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qsmkit.errors import ParameterError
+from qsmkit.operators import bounding_box
 from qsmkit.physics import voxel_sizes
 
 from .geometry import b0_in_reference_frame, b0_world_from_voxel, euler_matrix, rotation_angle_deg, to_sitk
@@ -104,10 +105,7 @@ def _dilate(mask: np.ndarray, voxel_size: Sequence[float], margin_mm: float) -> 
     if margin_mm <= 0 or not m.any():
         return m
     vs = np.asarray(voxel_size, dtype=float)
-    r = np.ceil(margin_mm / vs).astype(int)
-    idx = np.argwhere(m)
-    box = tuple(slice(max(int(lo) - k, 0), min(int(hi) + k + 1, n))
-                for lo, hi, k, n in zip(idx.min(0), idx.max(0), r, m.shape))
+    box = bounding_box(m, int(np.ceil(margin_mm / vs.min())))
     out = np.zeros_like(m)
     # distance (mm) of every box voxel to the nearest mask voxel: O(N), unlike a ball-shaped dilation
     out[box] = ndimage.distance_transform_edt(~m[box], sampling=vs) <= margin_mm + 1e-6
@@ -127,12 +125,9 @@ def crop_to_mask(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | None,
     m = np.asarray(mask) > 0
     if not m.any():
         return data, affine, mask
-    idx = np.argwhere(m)
-    lo = np.maximum(idx.min(0) - int(margin_vox), 0)
-    hi = np.minimum(idx.max(0) + int(margin_vox) + 1, m.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    box = bounding_box(m, int(margin_vox))
     a = np.array(affine, dtype=np.float64)
-    a[:3, 3] = a[:3, :3] @ lo + a[:3, 3]
+    a[:3, 3] = a[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + a[:3, 3]
     return np.asarray(data)[box], a, m[box]
 
 
