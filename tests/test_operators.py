@@ -310,3 +310,11 @@ def test_proximal_solvers_solve_a_diagonal_lasso(method, batched):
     best = 0.5 * np.sum(((d * xs - b) ** 2).reshape(c.shape[1:] + (-1,)), -1) + g(xs)
     np.testing.assert_allclose(c[-1], best, rtol=1e-8)
     assert c.shape[0] == info.iterations and (c[-1] <= c[0]).all()
+
+
+def test_laplacian_kernel_is_spectrum_of_periodic_differences():
+    fs, vs = (6, 5, 8), (1.0, 0.8, 1.5)
+    x = np.random.default_rng(0).standard_normal(fs)
+    lap = sum((2 * x - np.roll(x, 1, a) - np.roll(x, -1, a)) / h ** 2 for a, h in enumerate(vs))
+    via_k = np.fft.irfftn(np.fft.rfftn(x) * ops.laplacian_kernel(fs, vs), s=fs, axes=(0, 1, 2))
+    assert np.allclose(lap, via_k, atol=1e-5)

@@ -3,7 +3,10 @@
 Preconditioned total field inversion (Liu et al., MRM 2017; the MEDI toolbox's ``TFI_L1``):
 one susceptibility map of brain and background fitted to the TOTAL field, so no background
 stage runs before it. The algorithm, its conventions and measured accuracy are documented in
-:mod:`qsmkit_tfi.tfi`.
+:mod:`qsmkit_tfi.tfi`. ``solver: admm`` solves the same model to convergence by ADMM
+(:mod:`qsmkit_tfi.admm`): given the field offset (``offset: 0`` for a simulated or QSM-CI total
+field) it is far more accurate and faster on the simulated heads; with ``offset: fit`` it is not,
+so the Gauss-Newton solver stays the default.
 
 Inputs: ``total_field`` (ppm) and ``mask`` (the brain: preconditioner 1 there, chi referenced to
 its mean there); ``head_mask`` (the support, larger than the brain: where the total field has data
@@ -27,12 +30,13 @@ import numpy as np
 
 from qsmkit import Param, Stage, hookimpl
 from qsmkit.device import DEVICE_PARAM, resolve_device
-from qsmkit.errors import GeometryError, MissingArtifactError, StageError
+from qsmkit.errors import GeometryError, MissingArtifactError, ParameterError, StageError
 from qsmkit.params import lam, max_iter, tol
 
+from .admm import BACKGROUND_TV, tfi_admm
 from .tfi import CHI_AIR, PAPER_P_BACKGROUND, TfiResult, TfiSystem, auto_preconditioner, edge_mask, head_mask, tfi
 
-__all__ = ["TFI", "tfi", "TfiResult", "TfiSystem", "head_mask", "edge_mask", "auto_preconditioner"]
+__all__ = ["TFI", "tfi", "tfi_admm", "TfiResult", "TfiSystem", "head_mask", "edge_mask", "auto_preconditioner"]
 
 
 class TFI(Stage):
@@ -64,6 +68,15 @@ class TFI(Stage):
               doc="air around the support's bounding box in the work grid (room for background sources)"),
         Param("padding", float, 1.0, range=(1.0, 3.0),
               doc="zero-padding factor of the work grid's FFTs; 1 = periodic on the work grid"),
+        Param("solver", str, "gauss-newton", choices=("gauss-newton", "admm"),
+              doc="gauss-newton: the paper's preconditioned Gauss-Newton/CG (fits the field offset); admm: "
+                  "the same model solved to convergence by ADMM (qsmkit_tfi.admm), far more accurate and "
+                  "faster when the field offset is known (give 'offset')"),
+        Param("offset", str, "fit", doc="admm: field offset of the total field in ppm (e.g. 0 for a simulated "
+                                        "or QSM-CI total field), or 'fit' (poorly determined: much less accurate)"),
+        Param("background_tv", float, BACKGROUND_TV, range=(0.01, 100.0),
+              doc="admm: TV weight outside the brain mask relative to inside"),
+        Param("admm_iter", int, 300, range=(1, 5000), doc="admm: iterations"),
         DEVICE_PARAM,
     )
 
@@ -111,6 +124,15 @@ class TFI(Stage):
                         f"from background sources and is much less accurate without it; give a total_field and "
                         f"noise_weight that cover the head (the echo fit of this pipeline runs inside the mask)")
         dev = resolve_device(p.device)
+        if p.solver == "admm":
+            res = tfi_admm(data, m, f.voxel_size, f.b0_direction, sup, arrays.get("magnitude"),
+                           arrays.get("noise_weight"), lam=p["lambda"], edge_percentage=p.edge_percentage,
+                           background_tv=p.background_tv, offset=_offset(p.offset, label), field_strength=b0,
+                           echo_times=te, max_iter=p.admm_iter, margin_mm=p.margin_mm, chi_air=p.chi_air,
+                           device=dev, log=ctx.log)
+            ctx.log(f"{res.n_iter} ADMM iterations, {res.seconds:.1f} s on {dev}; offset {res.offsets[-1]:.4g} ppm; "
+                    f"chi on the support ({int(res.support.sum())} voxels), brain mean 0")
+            return {"chi": f.like(res.chi, units="ppm")}
         res = tfi(data, m, f.voxel_size, f.b0_direction, sup, arrays.get("magnitude"), arrays.get("noise_weight"),
                   lam=p["lambda"], edge_percentage=p.edge_percentage, p_background=p.p_background,
                   field_strength=b0, echo_times=te, max_iter=p.max_iter, cg_max_iter=p.cg_max_iter,
@@ -120,6 +142,17 @@ class TFI(Stage):
                 f"{'converged' if res.converged else 'stopped at max_iter'}, {res.seconds:.1f} s on {dev}; "
                 f"chi on the support ({int(res.support.sum())} voxels), brain mean 0")
         return {"chi": f.like(res.chi, units="ppm")}
+
+
+def _offset(value: str, label: str) -> float | str:
+    """The ``offset`` parameter: ``"fit"`` or a number in ppm."""
+    text = str(value).strip().lower()
+    if text == "fit":
+        return "fit"
+    try:
+        return float(text)
+    except ValueError:
+        raise ParameterError(f"{label}: offset must be 'fit' or a number in ppm (e.g. 0), got {value!r}") from None
 
 
 @hookimpl

@@ -127,6 +127,8 @@ class TfiResult:
     cost: list = dc_field(default_factory=list)
     update: list = dc_field(default_factory=list)
     cg_iters: list = dc_field(default_factory=list)
+    #: ADMM solver: the field offset (ppm) every 10 iterations
+    offsets: list = dc_field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
     phase_scale: float = 0.0
@@ -599,7 +601,7 @@ def _gauss_newton(model: _Model, res: TfiResult, *, max_iter, cg_max_iter, cg_to
         res.cg_iters.append(info.iterations)
         res.n_iter = it
         say(f"GN {it}/{max_iter}: cost {accepted[0]:.6g} (data {accepted[1]:.6g}, reg {accepted[2]:.6g}) "
-            f"update {upd:.3g} cg {info.iterations} (res {float(info.relative_residual):.2g})"
+            f"offset {model.offset:.4g} ppm update {upd:.3g} cg {info.iterations} (res {float(info.relative_residual):.2g})"
             f"{'' if step == 1.0 else f' step {step:g}'} ({time.perf_counter() - t_it:.1f} s)")
         if callback is not None:
             callback(it)

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from qsmkit.errors import InputDataError
-from qsmkit.operators import Diagonal, Dipole, FourierMultiplier, Gradient, cg
+from qsmkit.operators import Diagonal, Dipole, FourierMultiplier, Gradient, cg, laplacian_kernel
 
-from .tv import WorkGrid, laplacian_kernel, shrink
+from .tv import WorkGrid, shrink
 
 __all__ = ["rts"]
 

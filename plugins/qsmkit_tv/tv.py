@@ -34,22 +34,9 @@ import numpy as np
 
 from qsmkit.errors import GeometryError, InputDataError
 from qsmkit.fft import padded_shape
-from qsmkit.operators import Dipole, Gradient, bounding_box
+from qsmkit.operators import Dipole, Gradient, bounding_box, laplacian_kernel
 
-__all__ = ["tv_admm", "WorkGrid", "laplacian_kernel", "shrink"]
-
-
-def laplacian_kernel(fft_shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
-    """``|E(k)|^2``: spectrum of ``grad^H grad`` for periodic forward differences, half spectrum.
-
-    Units 1/mm^2; shape ``(n0, n1, n2 // 2 + 1)``, unshifted FFT order, float32.
-    """
-    n0, n1, n2 = (int(n) for n in fft_shape)
-    h = [float(v) for v in voxel_size]
-    f0 = (4.0 * np.sin(np.pi * np.fft.fftfreq(n0)) ** 2 / h[0] ** 2)[:, None, None]
-    f1 = (4.0 * np.sin(np.pi * np.fft.fftfreq(n1)) ** 2 / h[1] ** 2)[None, :, None]
-    f2 = (4.0 * np.sin(np.pi * np.fft.rfftfreq(n2)) ** 2 / h[2] ** 2)[None, None, :]
-    return (f0 + f1 + f2).astype(np.float32)
+__all__ = ["tv_admm", "WorkGrid", "shrink"]
 
 
 def shrink(w, t: float, out=None):

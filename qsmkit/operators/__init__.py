@@ -17,7 +17,8 @@ Operators defined here:
   ppm from chi in ppm), arbitrary B0 direction and voxel size;
 * :class:`SMV`: the spherical mean value filter (``K`` = :func:`qsmkit.physics.smv_kernel`);
 * :class:`Gradient`: forward or backward finite differences (1/mm, or unscaled); its adjoint is
-  minus the divergence;
+  minus the divergence; :func:`laplacian_kernel` is the spectrum of ``G^H G`` on a periodic grid
+  (the k-space divisions of TV-ADMM, RTS and TFI's ADMM solver);
 * :class:`Diagonal`: pointwise weights and masks;
 * :class:`Identity`, and the algebra (:class:`Compose`, :class:`Sum`, :class:`Scaled`,
   :class:`Adjoint`, :class:`Normal`).
@@ -40,11 +41,11 @@ subclass defined by the core and the built-in plugins, found through :func:`all_
 from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, Sum, all_operator_classes,
                    is_torch)
 from .fourier import SMV, Dipole, FourierMultiplier
-from .gradient import Gradient
+from .gradient import Gradient, laplacian_kernel
 from .grid import PaddedBox, bounding_box, padded_box
 from .solvers import CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, power_iteration, proximal_gradient
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
-           "FourierMultiplier", "Dipole", "SMV", "Gradient", "cg", "CGInfo", "power_iteration",
+           "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "cg", "CGInfo", "power_iteration",
            "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
            "bounding_box", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

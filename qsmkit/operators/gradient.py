@@ -105,3 +105,16 @@ class Gradient(Linop):
     @classmethod
     def examples(cls):
         return [cls.example(), cls((4, 6, 5), None, "backward"), cls((4, 6, 5), (0.7, 1.0, 1.3), "backward")]
+
+
+def laplacian_kernel(fft_shape: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
+    """``|E(k)|^2``: spectrum of ``grad^H grad`` for periodic forward differences, half spectrum.
+
+    Units 1/mm^2; shape ``(n0, n1, n2 // 2 + 1)``, unshifted FFT order, float32.
+    """
+    n0, n1, n2 = (int(n) for n in fft_shape)
+    h = [float(v) for v in voxel_size]
+    f0 = (4.0 * np.sin(np.pi * np.fft.fftfreq(n0)) ** 2 / h[0] ** 2)[:, None, None]
+    f1 = (4.0 * np.sin(np.pi * np.fft.fftfreq(n1)) ** 2 / h[1] ** 2)[None, :, None]
+    f2 = (4.0 * np.sin(np.pi * np.fft.rfftfreq(n2)) ** 2 / h[2] ** 2)[None, None, :]
+    return (f0 + f1 + f2).astype(np.float32)

@@ -10,7 +10,6 @@ from qsmkit.stage import StageContext
 from qsmkit.volume import Volume
 from qsmkit_tkd import tkd
 from qsmkit_tv import rts, tv_admm
-from qsmkit_tv.tv import laplacian_kernel
 from helpers import run_cli, sphere_field
 
 VS = (1.0, 1.0, 1.0)
@@ -58,14 +57,6 @@ def test_sphere_field_inverts_to_positive_sphere(method):
     inside = chi[r < radius - 1.5].mean() - chi[m & (r > radius + 3)].mean()
     assert inside == pytest.approx(c, rel=0.2)
     assert abs(chi[m & (r > radius + 4)].mean()) < 0.1 * c
-
-
-def test_laplacian_kernel_is_spectrum_of_periodic_differences():
-    fs, vs = (6, 5, 8), (1.0, 0.8, 1.5)
-    x = np.random.default_rng(0).standard_normal(fs)
-    lap = sum((2 * x - np.roll(x, 1, a) - np.roll(x, -1, a)) / h ** 2 for a, h in enumerate(vs))
-    via_k = np.fft.irfftn(np.fft.rfftn(x) * laplacian_kernel(fs, vs), s=fs, axes=(0, 1, 2))
-    assert np.allclose(lap, via_k, atol=1e-5)
 
 
 def test_bad_inputs_raise_one_line_errors():
