@@ -1,7 +1,7 @@
 """All dipole inversions on one phantom: chi NRMSE, seconds and peak memory in one table (issue 17).
 
     python benchmarks/bench_inversion.py [--shape 180,216,180] [--voxel 1.0] [--threads 2] [--device cpu]
-                                         [--cache FILE] [--methods tkd,tv,rts,medi,medi_hf,pdf_medi,tfi,tfi_admm,tfi_admm_fit,dip]
+                                         [--cache FILE] [--methods tkd,tv,rts,medi,medi_hf,pdf_medi,tfi,tfi_admm,tfi_admm_fit,tfi_admm_search,dip]
                                          [--dip-iterations 2000]
 
     # acceptance 4 (1 mm whole head, 2 cores):  python benchmarks/bench_inversion.py
@@ -20,7 +20,8 @@ multi-echo noise weights ``2 pi GAMMA_BAR B0 sqrt(sum (|S_j| TE_j)^2) / sigma`` 
   phantoms; see ``bench_background.py`` for the other background methods);
 * ``tfi``: total field inversion from the TRUE total field (support derived from the magnitude);
 * ``tfi_admm``: the same model solved by ADMM (``solver: admm``) with the field offset given (0:
-  the simulator's total field has none); ``tfi_admm_fit``: ADMM with the offset fitted;
+  the simulator's total field has none); ``tfi_admm_fit``: ADMM with the offset fitted jointly;
+  ``tfi_admm_search``: ADMM with the offset searched (least brain TV; truth-free, the default);
 * ``dip``: Deep Image Prior from the true local field on the same head simulated at twice the
   voxel size (2 mm for the 1 mm head; its grid is 8x smaller), default network, ``--dip-iterations``.
 
@@ -53,7 +54,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _gpu import devices as _devices  # noqa: E402
 from _measure import measure, table  # noqa: E402
 
-ALL = ("tkd", "tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "tfi_admm", "tfi_admm_fit", "dip")
+ALL = ("tkd", "tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "tfi_admm", "tfi_admm_fit", "tfi_admm_search", "dip")
 
 
 def _inputs(shape, voxel: float, cache: str | None) -> dict:
@@ -79,7 +80,7 @@ def _inputs(shape, voxel: float, cache: str | None) -> dict:
 
 
 #: the methods that run torch on ``--device`` (TKD is numpy-only: CPU rows only)
-TORCH_METHODS = ("tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "tfi_admm", "tfi_admm_fit", "dip")
+TORCH_METHODS = ("tv", "rts", "medi", "medi_hf", "pdf_medi", "tfi", "tfi_admm", "tfi_admm_fit", "tfi_admm_search", "dip")
 
 
 def _run(method: str, d: dict, args, device: str = "cpu") -> dict:
@@ -130,10 +131,10 @@ def _run(method: str, d: dict, args, device: str = "cpu") -> dict:
         r = tfi(d["total"], m, vs, b0, None, d["magnitude"], d["noise_weight"], device=device, **acq)
         chi = r.chi
         info = f"{r.n_iter} GN, {sum(r.cg_iters)} cg, grid {'x'.join(map(str, r.work_shape))}, P_b {r.p_background:g}"
-    elif method in ("tfi_admm", "tfi_admm_fit"):
+    elif method in ("tfi_admm", "tfi_admm_fit", "tfi_admm_search"):
         from qsmkit_tfi import tfi_admm
 
-        off = "fit" if method == "tfi_admm_fit" else 0.0
+        off = {"tfi_admm": 0.0, "tfi_admm_fit": "fit", "tfi_admm_search": "search"}[method]
         r = tfi_admm(d["total"], m, vs, b0, None, d["magnitude"], d["noise_weight"], offset=off, device=device, **acq)
         chi = r.chi
         info = f"{r.n_iter} ADMM it, offset {r.offsets[-1]:.3g} ppm, grid {'x'.join(map(str, r.work_shape))}"

@@ -250,7 +250,8 @@ CASES: dict[tuple[str, str], Case] = {
                                "same seed, weights and z made on the CPU; Tikhonov start by CG (1e-5) plus 8 Adam "
                                "steps through TF32 convolutions (the network's share of chi is small)"),
     ("inversion", "medi"): Case(_pick("local_field", "mask", "magnitude", "noise_weight", "field_strength",
-                                      "echo_times"), {"max_iter": 3, "cg_max_iter": 10}, ("chi",), 5e-3,
+                                      "echo_times"), {"solver": "gauss-newton", "max_iter": 3, "cg_max_iter": 10},
+                               ("chi",), 5e-3,
                                 "3 Gauss-Newton steps x 10 CG, IRLS weights recomputed from chi: " + _CG.format(30)),
     ("inversion", "qsmnet"): Case(_coarse("local_field", "mask", voxel_size=(1.0, 1.0, 1.0)),
                                   {"patch": 16, "overlap": 0.25}, ("chi",), 2e-2,
@@ -258,7 +259,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("inversion", "rts"): Case(_pick("local_field", "mask"), {"max_iter": 5}, ("chi",), 5e-3,
                                "4 CG steps then 5 ADMM steps (soft thresholds are continuous): " + _CG.format(9)),
     ("inversion", "tfi"): Case(_pick("total_field", "mask", "magnitude", "noise_weight", "field_strength",
-                                     "echo_times"), {"max_iter": 3, "cg_max_iter": 10}, ("chi",), 5e-3,
+                                     "echo_times"), {"solver": "gauss-newton", "max_iter": 3, "cg_max_iter": 10},
+                               ("chi",), 5e-3,
                                "3 Gauss-Newton steps x 10 preconditioned CG: " + _CG.format(30)),
     ("inversion", "tkd"): Case(_pick("local_field", "mask"), {}, ("chi",)),
     ("inversion", "tv"): Case(_pick("local_field", "mask"), {"max_iter": 5}, ("chi",), 5e-3,
@@ -450,6 +452,16 @@ def test_numpy_only_stages_accept_cuda(key):
 
 
 TORCH_CASES = sorted(k for k, cls in device_stages().items() if is_torch_stage(cls))
+
+#: stage parameters that select a second solver of a stage: also compared across devices
+SOLVER_VARIANTS = {("inversion", "tfi"): {"solver": "admm", "offset": "0", "admm_iter": 20}}
+
+
+@pytest.mark.parametrize("key", sorted(SOLVER_VARIANTS), ids=_ids(sorted(SOLVER_VARIANTS)))
+def test_solver_variants_cuda_matches_cpu(key):
+    """The second solver of a stage on CUDA against CPU (CPU twice without a GPU: the harness runs)."""
+    diffs = compare_devices(*key, "cpu", "cuda" if HAS_CUDA else "cpu", **SOLVER_VARIANTS[key])
+    assert diffs and all(np.isfinite(d) for d in diffs.values())
 
 
 @pytest.mark.slow

@@ -3,25 +3,10 @@
 Preconditioned total field inversion (Liu et al., MRM 2017; the MEDI toolbox's ``TFI_L1``):
 one susceptibility map of brain and background fitted to the TOTAL field, so no background
 stage runs before it. The algorithm, its conventions and measured accuracy are documented in
-:mod:`qsmkit_tfi.tfi`. ``solver: admm`` solves the same model to convergence by ADMM
-(:mod:`qsmkit_tfi.admm`): given the field offset (``offset: 0`` for a simulated or QSM-CI total
-field) it is far more accurate and faster on the simulated heads; with ``offset: fit`` it is not,
-so the Gauss-Newton solver stays the default.
-
-Inputs: ``total_field`` (ppm) and ``mask`` (the brain: preconditioner 1 there, chi referenced to
-its mean there); ``head_mask`` (the support, larger than the brain: where the total field has data
-and chi is returned; derived from the magnitude when not given), ``magnitude`` (edge mask and
-default support), ``noise_weight`` (data weights; else the magnitude), ``field_strength`` /
-``echo_times`` (phase scale of the data term, as MEDI; 3 T and 5 ms without them).
-
-In a pipeline that starts from phase (``mask -> unwrap -> echo_combine -> inversion: tfi``) the
-total field exists only where the unwrapping and the echo fit ran (the mask stage's mask): the
-noise weight is zero elsewhere, so the data are the brain's alone and the sources outside it
-(scalp, skull, sinuses, air) are constrained only by the field inside the brain. TFI is then far
-less accurate (simulated head 48^3 at 3.5 mm, TRUE total field: 24 % chi NRMSE with the field of
-the whole head, 210 % with the field inside the brain only), and the stage logs a warning. Give
-it a total field over the head (``inputs.total_field`` + ``noise_weight`` from a tool that fits
-the whole head); an echo_combine option to fit outside the mask is needed for the phase route.
+:mod:`qsmkit_tfi.tfi`. ``solver: admm`` (the default) solves the same model to convergence by ADMM
+(:mod:`qsmkit_tfi.admm`), with the field offset searched (``offset: search``) or given; on the
+simulated heads it is 3-5x more accurate than the Gauss-Newton solver (``solver: gauss-newton``)
+and several times faster.
 """
 
 from __future__ import annotations
@@ -46,8 +31,9 @@ class TFI(Stage):
     reads = ("total_field", "mask")
     optional_reads = ("magnitude", "noise_weight", "head_mask", "field_strength", "echo_times")
     writes = ("chi",)
-    description = ("preconditioned total field inversion (TFI, Liu 2017): brain and background chi from the "
-                   "total field, no background stage; nonlinear data term, magnitude edge prior; torch CPU or GPU")
+    description = ("total field inversion (TFI, Liu 2017): brain and background chi from the total field, no "
+                   "background stage; magnitude edge prior; ADMM (default, offset searched) or the paper's "
+                   "preconditioned Gauss-Newton; torch CPU or GPU")
     params = (
         lam(1000.0, range=(1e-3, 1e8),
             doc="data-term weight (MEDI toolbox scale: radians at the echo spacing; larger = less smoothing)"),
@@ -68,12 +54,13 @@ class TFI(Stage):
               doc="air around the support's bounding box in the work grid (room for background sources)"),
         Param("padding", float, 1.0, range=(1.0, 3.0),
               doc="zero-padding factor of the work grid's FFTs; 1 = periodic on the work grid"),
-        Param("solver", str, "gauss-newton", choices=("gauss-newton", "admm"),
-              doc="gauss-newton: the paper's preconditioned Gauss-Newton/CG (fits the field offset); admm: "
-                  "the same model solved to convergence by ADMM (qsmkit_tfi.admm), far more accurate and "
-                  "faster when the field offset is known (give 'offset')"),
-        Param("offset", str, "fit", doc="admm: field offset of the total field in ppm (e.g. 0 for a simulated "
-                                        "or QSM-CI total field), or 'fit' (poorly determined: much less accurate)"),
+        Param("solver", str, "admm", choices=("admm", "gauss-newton"),
+              doc="admm: the model solved to convergence by ADMM (qsmkit_tfi.admm; uses lambda, edge_percentage, "
+                  "chi_air, margin_mm, offset, background_tv, admm_iter); gauss-newton: the paper's preconditioned "
+                  "Gauss-Newton/CG (uses p_background, max_iter, cg_max_iter, cg_tol, tol, epsilon, padding)"),
+        Param("offset", str, "search", doc="admm: field offset of the total field in ppm when known (e.g. 0 for a "
+                                           "simulated total field); 'search' (the offset whose map has the least "
+                                           "TV in the brain); or 'fit' (joint fit: biased, much less accurate)"),
         Param("background_tv", float, BACKGROUND_TV, range=(0.01, 100.0),
               doc="admm: TV weight outside the brain mask relative to inside"),
         Param("admm_iter", int, 300, range=(1, 5000), doc="admm: iterations"),
@@ -145,14 +132,14 @@ class TFI(Stage):
 
 
 def _offset(value: str, label: str) -> float | str:
-    """The ``offset`` parameter: ``"fit"`` or a number in ppm."""
+    """The ``offset`` parameter: ``"search"``, ``"fit"`` or a number in ppm."""
     text = str(value).strip().lower()
-    if text == "fit":
-        return "fit"
+    if text in ("fit", "search"):
+        return text
     try:
         return float(text)
     except ValueError:
-        raise ParameterError(f"{label}: offset must be 'fit' or a number in ppm (e.g. 0), got {value!r}") from None
+        raise ParameterError(f"{label}: offset must be 'search', 'fit' or a number in ppm (e.g. 0), got {value!r}") from None
 
 
 @hookimpl

@@ -80,6 +80,10 @@ prolongation). The data must cover the head: with the field inside the brain onl
 fit restricted to the brain mask gives) TFI fails (210 % on a 48^3 head at 3.5 mm, 24 % with the
 field of the whole head).
 
+The same model solved to convergence by ADMM is :mod:`qsmkit_tfi.admm` (``solver: admm``, the
+stage's default since this solver is ``solver: gauss-newton``): 9.7 % on the 1 mm head with the
+field offset searched (426 s), 8.9 % in 78 s with it given.
+
 Building blocks are the core operators (:class:`~qsmkit.operators.Dipole`,
 :class:`~qsmkit.operators.Gradient`, :func:`~qsmkit.operators.cg`,
 :func:`~qsmkit.operators.padded_box`); :class:`TfiSystem` is the Gauss-Newton matrix.
@@ -129,6 +133,8 @@ class TfiResult:
     cg_iters: list = dc_field(default_factory=list)
     #: ADMM solver: the field offset (ppm) every 10 iterations
     offsets: list = dc_field(default_factory=list)
+    #: ADMM ``offset: search``: the (offset ppm, brain TV) pairs tried
+    offset_search: list = dc_field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
     phase_scale: float = 0.0
