@@ -97,12 +97,15 @@ def tfi_admm(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[flo
         Edge mask size (:func:`~qsmkit_tfi.tfi.edge_mask`); 0 = plain TV.
     background_tv : float
         TV weight outside the brain mask relative to inside it.
-    offset : float or "fit"
-        Field offset of the total field in ppm (known: e.g. 0 for a simulated field), or ``"fit"``.
+    offset : float, "search" or "fit"
+        Field offset of the total field in ppm when known; ``"search"`` (default): the offset whose
+        map has the least TV in the brain (:func:`_search_offset`); ``"fit"``: the joint fit (biased).
     field_strength, echo_times : optional
         B0 (T) and echo times (s): the phase scale ``s_p`` in ``Lam`` (3 T, 5 ms when not given).
     max_iter : int
-        ADMM iterations.
+        ADMM iterations of the final solve.
+    search_iter : int
+        ADMM iterations of the joint fit and of each candidate offset of ``offset: "search"``.
     tol : float
         Stop early when ``||chi_k - chi_{k-1}|| / ||chi_k|| < tol`` (checked every 10 iterations;
         0 = run ``max_iter``).
@@ -129,8 +132,8 @@ def tfi_admm(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[flo
     import torch
 
     say = log or (lambda msg: None)
-    fit_offset = isinstance(offset, str)
-    if fit_offset and offset not in ("fit", "search"):
+    named = isinstance(offset, str)
+    if named and offset not in ("fit", "search"):
         raise InputDataError(f"tfi: offset must be a number (ppm), 'fit' or 'search', got {offset!r}")
     if lam <= 0 or rho_data <= 0 or background_tv <= 0:
         raise InputDataError(f"tfi: lambda, rho_data and background_tv must be > 0, got {lam}, {rho_data}, "
@@ -156,15 +159,14 @@ def tfi_admm(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[flo
     gm *= np.float32(inv_lam / rho)
     say(f"work grid {pb.shape} (support {int(sup.sum())} voxels{', from the magnitude' if derived else ''}, "
         f"data {int(data.sum())}, brain {int(brain.sum())}); ADMM, background TV x{background_tv:g}, "
-        f"offset {offset if fit_offset else f'{float(offset):g} ppm'}; phase scale {s_note}")
+        f"offset {offset if named else f'{float(offset):g} ppm'}; phase scale {s_note}")
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)  # noqa: E731
     res = TfiResult(chi=np.zeros(f.shape, np.float32), support=sup, phase_scale=s_p, work_shape=pb.shape)
     args = (t(ft), t(pb.embed(w) ** 2), t(gm), pb.shape, vs, b0_dir, dev)
     solve = lambda c, n, r, cb=None: _admm(*args, r, rho=rho, rho_data=rho_data, offset=c, max_iter=n,  # noqa: E731
                                            tol=float(tol), say=say, callback=cb)
     if offset == "search":
-        offset = _search_offset(solve, t(brain_w), pb.shape, vs, int(search_iter), say)
-        offset, res.offset_search = offset
+        offset, res.offset_search = _search_offset(solve, t(brain_w), pb.shape, vs, int(search_iter), say)
     x = solve(None if offset == "fit" else float(offset), int(max_iter), res,
               None if callback is None else (lambda it, xx: callback(it, pb.uncrop(xx.cpu().numpy()))))
     chi_w = x.cpu().numpy()
