@@ -250,8 +250,7 @@ CASES: dict[tuple[str, str], Case] = {
                                "same seed, weights and z made on the CPU; Tikhonov start by CG (1e-5) plus 8 Adam "
                                "steps through TF32 convolutions (the network's share of chi is small)"),
     ("inversion", "medi"): Case(_pick("local_field", "mask", "magnitude", "noise_weight", "field_strength",
-                                      "echo_times"), {"solver": "gauss-newton", "max_iter": 3, "cg_max_iter": 10},
-                               ("chi",), 5e-3,
+                                      "echo_times"), {"max_iter": 3, "cg_max_iter": 10}, ("chi",), 5e-3,
                                 "3 Gauss-Newton steps x 10 CG, IRLS weights recomputed from chi: " + _CG.format(30)),
     ("inversion", "qsmnet"): Case(_coarse("local_field", "mask", voxel_size=(1.0, 1.0, 1.0)),
                                   {"patch": 16, "overlap": 0.25}, ("chi",), 2e-2,
