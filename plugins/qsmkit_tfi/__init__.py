@@ -83,6 +83,16 @@ class TFI(Stage):
         DEVICE_PARAM,
     )
 
+    @classmethod
+    def validate_params(cls, given, where):
+        """As every stage's, except that ``offset`` may be a number (YAML ``offset: 0``) as well as a word."""
+        off = (given or {}).get("offset")
+        if isinstance(off, (int, float)) and not isinstance(off, bool):
+            given = {**given, "offset": repr(float(off))}
+        params = super().validate_params(given, where)
+        _offset(params.offset, f"{where}.params.offset")
+        return params
+
     def run(self, ctx, p):
         f, mask = ctx["total_field"], ctx["mask"]
         label = "inversion/tfi"
@@ -155,7 +165,7 @@ def _offset(value: str, label: str) -> float | str:
     try:
         return float(text)
     except ValueError:
-        raise ParameterError(f"{label}: offset must be 'search', 'fit' or a number in ppm (e.g. 0), got {value!r}") from None
+        raise ParameterError(f"{label}: offset must be 'search', 'fit' or a number in ppm (e.g. offset: 0), got {value!r}") from None
 
 
 @hookimpl

@@ -195,7 +195,7 @@ def test_admm_with_known_or_searched_offset_beats_pdf_plus_medi_on_the_simulated
     art, chi_t, m = head64
     reg = load_registry()
     err = lambda chi: nrmse(chi_t - chi_t[m].mean(), chi - chi[m].mean(), m)  # noqa: E731
-    admm = run_stage(reg.get("inversion", "tfi"), art, {"offset": "0"})
+    admm = run_stage(reg.get("inversion", "tfi"), art, {"offset": 0})   # a number, as YAML gives it
     searched = run_stage(reg.get("inversion", "tfi"), art)   # offset: search (default)
     loc = run_stage(reg.get("background", "pdf"), art)
     two = run_stage(reg.get("inversion", "medi"), {**art, **loc})
