@@ -149,7 +149,7 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
                    metric: str = "mattes", histogram_bins: int = 32,
                    shrink_factors: Sequence[int] = (4, 2, 1), smoothing_sigmas: Sequence[float] = (2.0, 1.0, 0.0),
                    iterations: int = 200, learning_rate: float = 1.0, min_step: float = 1e-3,
-                   relaxation: float = 0.8,
+                   relaxation: float = 0.9,
                    sampling_percentage: float = 0.25, max_samples: int | None = 40_000, seed: int = 0,
                    initializer: str = "moments",
                    mask_margin_mm: float = 4.0, search_range_deg: float = 30.0,
@@ -204,12 +204,17 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
         the result reproducible. Parallelise over orientations with :func:`register_many`.
     finest_level_mm : float
         Skip the levels whose voxels (shrink factor x the fixed image's largest voxel size) are
-        finer than this (mm); at least the coarsest level is kept. 0 runs every level. On the
-        simulator's 1 mm head (``benchmarks/bench_cosmos.py``), stopping at 2 mm gave rotation
-        errors of 0.016-0.026 deg and translations of 0.003-0.004 mm (0.006-0.016 deg and
-        0.002-0.006 mm with the 1 mm level) for about two thirds of the CPU time; on the tests'
-        smaller 128 mm field-of-view head at 1 mm, 0.06-0.20 deg and <= 0.006 mm (0.007-0.022 deg
-        with the 1 mm level), which moves the resampled local fields by 1.6-5.1 % (0.2-0.7 %).
+        finer than this (mm); at least the coarsest level is kept. 0 runs every level. When the
+        finest level left is ``k > 1`` times the grid, both images (and masks) are first averaged
+        over ``k^3`` blocks and registered with the shrink factors and sigmas divided by ``k``: the
+        pyramid and the exhaustive search then never touch the full grid. Measured at 1 mm
+        (levels 4 and 2 mm, ``relaxation`` 0.9): on the simulator's head
+        (``benchmarks/bench_cosmos.py``, 4 orientations, oversampled) 29.1 s for the stage on 2
+        cores (55.6 s with ITK's pyramid on the full grid), about 4 CPU s per registration (13-15
+        s), rotation errors 0.018-0.028 deg, translations at the brain centre 0.002-0.008 mm
+        (0.016-0.026 deg and <= 0.004 mm before); on the tests' smaller 128 mm field-of-view head
+        0.067-0.083 deg and <= 0.011 mm (0.06-0.20 deg before; 0.007-0.022 deg with the 1 mm level).
+        With ``relaxation`` 0.8 one rotation of each head stalled 0.19-0.39 deg off.
     crop : bool
         Cut both images to the bounding box of their dilated masks (plus a margin of three
         coarsest-level voxels) before registration: the metric only samples inside the masks, so
@@ -225,6 +230,12 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     if int(threads) < 1:
         raise ParameterError(f"rigid_register: threads must be at least 1, got {threads!r}")
     shrink_factors, smoothing_sigmas = _levels(shrink_factors, smoothing_sigmas, fixed_affine, finest_level_mm)
+    k = min(shrink_factors)
+    if k > 1:   # no level uses the full grid: register block means at the finest level's voxels
+        fixed, fixed_affine, fixed_mask = _block_mean(fixed, fixed_affine, fixed_mask, k)
+        moving, moving_affine, moving_mask = _block_mean(moving, moving_affine, moving_mask, k)
+        shrink_factors = [f // k for f in shrink_factors]
+        smoothing_sigmas = [g / k for g in smoothing_sigmas]
     with _itk_threads(int(threads)):
         return _rigid_register(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, metric,
                                histogram_bins, shrink_factors, smoothing_sigmas, iterations, learning_rate, min_step,
@@ -281,6 +292,18 @@ def _levels(shrink_factors, smoothing_sigmas, fixed_affine, finest_level_mm: flo
     vox = float(np.max(voxel_sizes(fixed_affine)))
     keep = [k for k, f in enumerate(shrink) if f * vox >= finest_level_mm - 1e-6 or f == max(shrink)]
     return [shrink[k] for k in keep], [sigmas[k] for k in keep]
+
+
+def _block_mean(data, affine, mask, k: int):
+    """``data`` averaged over ``k^3`` blocks (the last partial blocks dropped), its affine (block centres)
+    and ``mask`` (blocks at least half inside), for registering at ``k`` times the voxel size."""
+    s = [n // k * k for n in np.shape(data)[:3]]
+    blocks = lambda a: np.asarray(a, np.float32)[:s[0], :s[1], :s[2]].reshape(  # noqa: E731
+        s[0] // k, k, s[1] // k, k, s[2] // k, k).mean(axis=(1, 3, 5))
+    a = np.array(affine, dtype=np.float64)
+    a[:3, 3] = a[:3, :3] @ np.full(3, (k - 1) / 2) + a[:3, 3]
+    a[:3, :3] *= k
+    return blocks(data), a, None if mask is None else blocks(np.asarray(mask) > 0) >= 0.5
 
 
 def _crop_all(data, affine, mask, metric_mask, pad: int):

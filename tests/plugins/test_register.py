@@ -210,8 +210,9 @@ def test_five_orientations_rotations_recovered():
         trans_err.append(np.linalg.norm((mat - true)[:3, :3] @ centre + (mat - true)[:3, 3]))
         assert tr["converged"] and tr["mask_dice"] > 0.95
         assert abs(tr["rotation_angle_deg"] - rotation_angle_deg(ph.rotation)) < 0.5
-    # measured (stage default, finest level 2 mm): rotation errors 0.058-0.197 deg, translations at the
-    # brain centre <= 0.006 mm (with the 1 mm level, finest_level_mm 0: 0.007-0.022 deg, <= 0.009 mm)
+    # measured (stage default, finest level 2 mm, registered on 2x2x2 block means): rotation errors
+    # 0.067-0.083 deg, translations at the brain centre <= 0.011 mm (with the 1 mm level,
+    # finest_level_mm 0: 0.007-0.022 deg, <= 0.009 mm)
     assert max(rot_err) < 0.5, rot_err
     assert max(trans_err) < 0.5, trans_err
     # B0 of every orientation in the reference voxel frame = R.T @ z (axial reference)
