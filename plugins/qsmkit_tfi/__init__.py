@@ -73,11 +73,11 @@ class TFI(Stage):
               doc="zero-padding factor of the work grid's FFTs; 1 = periodic on the work grid"),
         Param("solver", str, "admm", choices=("admm", "gauss-newton"),
               doc="admm: the model solved to convergence by ADMM (qsmkit_tfi.admm; uses lambda, edge_percentage, "
-                  "chi_air, margin_mm, offset, background_tv, admm_iter, coarse_mm, refine_iter); gauss-newton: the paper's preconditioned "
-                  "Gauss-Newton/CG (uses p_background, max_iter, cg_max_iter, cg_tol, tol, epsilon, padding)"),
+                  "chi_air, margin_mm, offset, background_tv, admm_iter, coarse_mm, refine_iter); gauss-newton: the "
+                  "paper's preconditioned Gauss-Newton/CG (uses p_background, max_iter, cg_max_iter, cg_tol, tol, epsilon, padding)"),
         Param("offset", str, "fit", doc="admm: field offset of the total field: 'fit' (fitted jointly), a number in "
                                         "ppm when known (e.g. 0), or 'search' (the offset whose map has the least TV "
-                                        "in the brain; about 5x slower)"),
+                                        "in the brain; 2.5-5x slower)"),
         Param("background_tv", float, BACKGROUND_TV, range=(0.001, 100.0),
               doc="admm: TV weight outside the brain mask relative to inside"),
         Param("admm_iter", int, 300, range=(1, 5000),
@@ -85,7 +85,8 @@ class TFI(Stage):
         Param("coarse_mm", float, COARSE_MM, unit="mm", range=(0.0, 10.0),
               doc="admm: voxel size of a coarse level solved first when the input voxels are at most half of it "
                   "(then refine_iter iterations on the input grid); 0 = input grid only"),
-        Param("refine_iter", int, 150, range=(1, 5000), doc="admm: iterations on the input grid after the coarse level"),
+        Param("refine_iter", int, 150, range=(1, 5000),
+              doc="admm: iterations on the input grid after the coarse level"),
         DEVICE_PARAM,
     )
 

@@ -32,7 +32,7 @@ every ADMM variable is interpolated to the input grid (:func:`_prolong`) to star
 The field offset ``c`` (B0 offset, unwrapping constant; ``offset``): ``"fit"`` (default):
 re-estimated after every chi-update as the ``w^2``-weighted mean of ``f - f_air - D chi``; a
 number (ppm) when it is known; or ``"search"`` (:func:`_search_offset`): the offset whose map has
-the least total variation inside the brain, on a grid around the joint fit (about 2.5x slower).
+the least total variation inside the brain, on a grid around the joint fit (2.5-5x slower).
 With ``background_tv`` 1 the joint fit was biased (0.06-0.14 ppm low: the TV prior on the
 background preferred the free constant) and the offset had to be searched; with the default 0.05
 the map hardly depends on it (default phantom: 26.9 % fitted, 29.3 % at 0, 26.6 % searched; the
