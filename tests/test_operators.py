@@ -318,3 +318,15 @@ def test_laplacian_kernel_is_spectrum_of_periodic_differences():
     lap = sum((2 * x - np.roll(x, 1, a) - np.roll(x, -1, a)) / h ** 2 for a, h in enumerate(vs))
     via_k = np.fft.irfftn(np.fft.rfftn(x) * ops.laplacian_kernel(fs, vs), s=fs, axes=(0, 1, 2))
     assert np.allclose(lap, via_k, atol=1e-5)
+
+
+def test_block_mean_per_axis_factors_drop_partial_blocks():
+    from qsmkit.operators import block_mean
+
+    x = np.arange(5 * 4 * 3, dtype=np.float64).reshape(5, 4, 3)
+    b = block_mean(x, (2, 2, 1))
+    assert b.shape == (2, 2, 3) and b.dtype == np.float32       # the 5th slice (a partial block) dropped
+    np.testing.assert_allclose(b, x[:4].reshape(2, 2, 2, 2, 3).mean(axis=(1, 3)), rtol=1e-6)
+    c = block_mean(np.ones((4, 4, 4), bool), 2)
+    assert c.shape == (2, 2, 2) and np.all(c == 1.0)
+    assert block_mean(np.ones((2, 2, 2), np.complex128), 2).dtype == np.complex64

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from qsmkit.errors import ParameterError
-from qsmkit.operators import bounding_box
+from qsmkit.operators import block_mean, bounding_box
 from qsmkit.physics import voxel_sizes
 
 from .geometry import b0_in_reference_frame, b0_world_from_voxel, euler_matrix, rotation_angle_deg, to_sitk
@@ -209,7 +209,7 @@ def rigid_register(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
         over ``k^3`` blocks and registered with the shrink factors and sigmas divided by ``k``: the
         pyramid and the exhaustive search then never touch the full grid. Measured at 1 mm
         (levels 4 and 2 mm, ``relaxation`` 0.9): on the simulator's head
-        (``benchmarks/bench_cosmos.py``, 4 orientations, oversampled) 29.1 s for the stage on 2
+        (``benchmarks/bench_cosmos.py``, 4 orientations, oversampled) 29-33 s for the stage on 2
         cores (55.6 s with ITK's pyramid on the full grid), about 4 CPU s per registration (13-15
         s), rotation errors 0.018-0.028 deg, translations at the brain centre 0.002-0.008 mm
         (0.016-0.026 deg and <= 0.004 mm before); on the tests' smaller 128 mm field-of-view head
@@ -295,15 +295,12 @@ def _levels(shrink_factors, smoothing_sigmas, fixed_affine, finest_level_mm: flo
 
 
 def _block_mean(data, affine, mask, k: int):
-    """``data`` averaged over ``k^3`` blocks (the last partial blocks dropped), its affine (block centres)
-    and ``mask`` (blocks at least half inside), for registering at ``k`` times the voxel size."""
-    s = [n // k * k for n in np.shape(data)[:3]]
-    blocks = lambda a: np.asarray(a, np.float32)[:s[0], :s[1], :s[2]].reshape(  # noqa: E731
-        s[0] // k, k, s[1] // k, k, s[2] // k, k).mean(axis=(1, 3, 5))
+    """``data`` averaged over ``k^3`` blocks (:func:`~qsmkit.operators.block_mean`), its affine (block
+    centres) and ``mask`` (blocks at least half inside), for registering at ``k`` times the voxel size."""
     a = np.array(affine, dtype=np.float64)
     a[:3, 3] = a[:3, :3] @ np.full(3, (k - 1) / 2) + a[:3, 3]
     a[:3, :3] *= k
-    return blocks(data), a, None if mask is None else blocks(np.asarray(mask) > 0) >= 0.5
+    return block_mean(data, k), a, None if mask is None else block_mean(np.asarray(mask) > 0, k) >= 0.5
 
 
 def _crop_all(data, affine, mask, metric_mask, pad: int):

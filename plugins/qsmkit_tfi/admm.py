@@ -69,7 +69,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmkit.errors import InputDataError
-from qsmkit.operators import Dipole, Gradient, PaddedBox, laplacian_kernel, padded_box
+from qsmkit.operators import Dipole, Gradient, PaddedBox, block_mean, laplacian_kernel, padded_box
 
 from .tfi import AIR_PADDING, CHI_AIR, TfiResult, _checked_inputs, edge_mask, phase_scale
 
@@ -243,28 +243,23 @@ class _Level:
 def _coarsen(f, brain, sup, mag, w, data, factor):
     """The inputs block-averaged over ``factor`` voxels per axis (the coarse level of :func:`tfi_admm`).
 
-    The field is the ``w^2``-weighted mean over the block's data voxels, ``w^2`` the block mean
+    Blocks of :func:`~qsmkit.operators.block_mean` (partial blocks at the grid's end dropped). The
+    field is the ``w^2``-weighted mean over the block's data voxels, ``w^2`` the block mean
     (the data term keeps its weight per unit volume, as the TV term does: gradients are in 1/mm);
     masks are the voxels at least half covered (the support also every brain voxel).
     """
-    def mean(a):
-        a = np.asarray(a, dtype=np.float32)
-        pad = [(0, (-n) % k) for n, k in zip(a.shape, factor)]
-        a = np.pad(a, pad)
-        s = [n // k for n, k in zip(a.shape, factor)]
-        return a.reshape(s[0], factor[0], s[1], factor[1], s[2], factor[2]).mean(axis=(1, 3, 5), dtype=np.float64)
-
     w2 = np.where(data, w * w, np.float32(0))
-    w2_c = mean(w2)
-    f_c = np.where(w2_c > 0, mean(w2 * np.where(data, f, np.float32(0))) / np.where(w2_c > 0, w2_c, 1.0), 0.0)
-    brain_c = mean(brain) >= 0.5
+    w2_c = block_mean(w2, factor)
+    wf_c = block_mean(w2 * np.where(data, f, np.float32(0)), factor)
+    f_c = np.where(w2_c > 0, wf_c / np.where(w2_c > 0, w2_c, 1.0), 0.0)
+    brain_c = block_mean(brain, factor) >= 0.5
     if not brain_c.any():
         raise InputDataError("tfi: the brain mask vanishes on the coarse level; set coarse_mm: 0")
-    sup_c = (mean(sup) >= 0.5) | brain_c
-    data_c = sup_c & (mean(data) >= 0.5) & (w2_c > 0)
+    sup_c = (block_mean(sup, factor) >= 0.5) | brain_c
+    data_c = sup_c & (block_mean(data, factor) >= 0.5) & (w2_c > 0)
     w_c = np.sqrt(np.where(data_c, w2_c, 0.0))
     w_c /= w_c[brain_c].mean()
-    mag_c = None if mag is None else mean(mag).astype(np.float32)
+    mag_c = None if mag is None else block_mean(mag, factor)
     return f_c.astype(np.float32), brain_c, sup_c, mag_c, w_c.astype(np.float32), data_c
 
 

@@ -1,4 +1,4 @@
-"""Grid helpers: the bounding box of a mask, and that box zero-padded to an FFT-friendly grid."""
+"""Grid helpers: the bounding box of a mask, that box zero-padded to an FFT-friendly grid, block means."""
 
 from __future__ import annotations
 
@@ -25,6 +25,33 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
         lo, hi = int(nz[0]), int(nz[-1]) + 1
         out.append(slice(max(lo - int(margin), 0), min(hi + int(margin), m.shape[axis])))
     return tuple(out)
+
+
+def block_mean(x: np.ndarray, factor: int | Sequence[int]) -> np.ndarray:
+    """Mean over non-overlapping blocks of ``factor`` voxels per axis (one int: the same on every axis).
+
+    Partial blocks at the end of an axis are dropped. float32 (complex64 for complex input), by
+    strided slice sums per axis (no float64 or reshaped copy of the whole array). Block ``i`` is
+    centred on input voxel ``k i + (k - 1) / 2``.
+    """
+    ks = [int(factor)] * 3 if np.isscalar(factor) else [int(k) for k in factor]
+    dt = np.complex64 if np.iscomplexobj(x) else np.float32
+    y = np.asarray(x)
+    if all(k == 1 for k in ks):
+        return np.array(y, dtype=dt)
+    for ax, k in enumerate(ks):
+        if k == 1:
+            continue
+        stop = (y.shape[ax] // k) * k
+        sl = [slice(None)] * y.ndim
+        sl[ax] = slice(0, stop, k)
+        acc = np.array(y[tuple(sl)], dtype=dt)
+        for o in range(1, k):
+            sl[ax] = slice(o, stop, k)
+            acc += y[tuple(sl)]
+        y = acc
+    y *= np.float32(1.0 / float(np.prod(ks)))
+    return y
 
 
 @dataclass(frozen=True)

@@ -14,28 +14,10 @@ import numpy as np
 
 from .. import fft as _fft
 from ..errors import ParameterError
-from ..operators import Dipole
+from ..operators import Dipole, block_mean
 from ..physics import GAMMA_BAR
 from .acquisition import _Acquisition
 from .head import _MASK_BIT, CHI_AIR, HAEMATOMA_TISSUE, LABELS, TISSUES, _Head
-
-
-def _block_mean(x: np.ndarray, f: int) -> np.ndarray:
-    """Mean over non-overlapping ``f^3`` blocks (float32 or complex64), by strided slice sums per axis."""
-    dt = np.complex64 if np.iscomplexobj(x) else np.float32
-    if f == 1:
-        return np.array(x, dtype=dt)
-    y = x
-    for ax in range(3):
-        sl = [slice(None)] * 3
-        sl[ax] = slice(0, None, f)
-        acc = np.array(y[tuple(sl)], dtype=dt)
-        for o in range(1, f):
-            sl[ax] = slice(o, None, f)
-            acc += y[tuple(sl)]
-        y = acc
-    y *= np.float32(1.0 / f ** 3)
-    return y
 
 
 def _field_from_chi(chi_fine: np.ndarray, dipole: Dipole) -> np.ndarray:
@@ -117,7 +99,7 @@ def _fields(labels_f, phi0_f, chi_lut, in_brain, vs, os_: int, b_vox, padding):
     chi_f = chi_lut[labels_f]
     chi_f *= in_brain[labels_f]
     local_f = _field_from_chi(chi_f, dipole)
-    chi_truth = _block_mean(chi_f, os_)
+    chi_truth = block_mean(chi_f, os_)
     del chi_f
     # background sources: the head relative to the surrounding air (chi - CHI_AIR) minus the
     # referenced chi inside the mask, which is the local part: total = D * (chi - CHI_AIR) over
@@ -128,10 +110,10 @@ def _fields(labels_f, phi0_f, chi_lut, in_brain, vs, os_: int, b_vox, padding):
     total_f = _field_from_chi(chi_bg, dipole)
     del chi_bg, dipole
     total_f += local_f
-    local_out = _block_mean(local_f, os_)
+    local_out = block_mean(local_f, os_)
     del local_f
-    total_out = _block_mean(total_f, os_)
-    phi0_out = _block_mean(phi0_f, os_)
+    total_out = block_mean(total_f, os_)
+    phi0_out = block_mean(phi0_f, os_)
     return chi_truth, local_out, total_f, total_out, phi0_out, pshape
 
 
@@ -168,7 +150,7 @@ def _signal(labels_f, total_f, phi0_f, m0_lut, r2_lut, te, field_strength, shape
                     z *= dz
             else:
                 z = _cis(fld * np.float32(omega * t) + p0)
-            sig[a // os_:b // os_, :, :, e] = _block_mean(amp_luts[e][lab] * z, os_)
+            sig[a // os_:b // os_, :, :, e] = block_mean(amp_luts[e][lab] * z, os_)
     return sig
 
 

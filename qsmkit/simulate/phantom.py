@@ -366,9 +366,9 @@ def simulate_susceptibility(shape: Sequence[int] = DEFAULT_SHAPE,
         b = min(a + step, fshape[0])
         lab, _ = sample(fine_idx[0][a:b], fine_idx[1], fine_idx[2], False)
         chi_f[a:b] = chi_lut[lab] * in_brain[lab]
-    from .forward import _block_mean
+    from ..operators import block_mean
 
-    chi = _block_mean(chi_f, acq.os_)
+    chi = block_mean(chi_f, acq.os_)
     del chi_f
     labels, mask = _output_labels(sample, acq.shape, chunk_voxels, in_brain)
     chi *= mask
