@@ -16,7 +16,8 @@ CPU time of all threads, peak RSS of that process, inputs and imports included):
   strength (and the true brain mask for mask ``true``); stages ``[unwrap romeo -> mask
   phase_quality]`` (the new mask; it needs ROMEO's quality map), ``[phase_offset mcpc3ds]`` with
   ``--mcpc``, ``unwrap <unwrap>`` (inside the mask), ``echo_combine <fit>``, ``background
-  <background>``, ``inversion medi``, all with default parameters;
+  <background>``, ``inversion medi``, all with default parameters (background ``tfi``: no
+  background stage, ``inversion tfi`` instead of MEDI; its ``local`` column is empty);
 * reference rows ``<mask> / truth / truth / background``: the TRUE total field, the same mask
   (the true mask, or the phase_quality mask made by the front end from the data) and the
   analytic noise weight ``2 pi GAMMA_BAR B0 sqrt(sum_e (|S_e| TE_e)^2) / sigma`` (1/ppm, as
@@ -111,7 +112,10 @@ def _spec(info: dict, row: dict, new_mask_file: str | None) -> dict:
         if row.get("mcpc"):
             stages.append({"stage": "phase_offset", "method": "mcpc3ds"})
         stages += [{"stage": "unwrap", "method": row["unwrap"]}, {"stage": "echo_combine", "method": row["fit"]}]
-    stages += [{"stage": "background", "method": row["background"]}, {"stage": "inversion", "method": "medi"}]
+    if row["background"] == "tfi":  # total field inversion: no background stage
+        stages.append({"stage": "inversion", "method": "tfi"})
+    else:
+        stages += [{"stage": "background", "method": row["background"]}, {"stage": "inversion", "method": "medi"}]
     return {"name": "bench-frontend", "inputs": inputs, "stages": stages, "output_dir": str(Path(p["phase"]).parent
                                                                                           / "unused_out")}
 
@@ -130,8 +134,9 @@ def _run_pipeline(spec: dict, threads: int, device: str = "cpu") -> dict:
     with sfft.set_workers(threads):
         res = run_plan(plan, reg, log=lambda m: None, write=False)
     a = res.artifacts
-    out = {"_chi": np.asarray(a["chi"].data, np.float32), "_local": np.asarray(a["local_field"].data, np.float32),
-           "_mask": np.asarray(a["mask"].data) > 0}
+    chi = np.asarray(a["chi"].data, np.float32)
+    local = np.asarray(a["local_field"].data, np.float32) if "local_field" in a else np.full(chi.shape, np.nan, np.float32)
+    out = {"_chi": chi, "_local": local, "_mask": np.asarray(a["mask"].data) > 0}
     from _gpu import gpu_peak_mib
 
     out.update({k.replace(" ", "_").lower(): v for k, v in gpu_peak_mib(device).items()})
@@ -176,7 +181,7 @@ def main() -> None:
     ap.add_argument("--masks", default="true,phase_quality")
     ap.add_argument("--unwrap", default="laplacian,romeo")
     ap.add_argument("--fit", default="weighted_fit,nonlinear_fit")
-    ap.add_argument("--background", default="vsharp,pdf", help="e.g. vsharp,sharp,resharp,ismv,pdf,lbv")
+    ap.add_argument("--background", default="vsharp,pdf", help="e.g. vsharp,sharp,resharp,ismv,pdf,lbv,tfi")
     ap.add_argument("--phase-offset", default="smooth", choices=("smooth", "coil", "none"),
                     help="simulator phase offset (coil: wrapping, use with --mcpc)")
     ap.add_argument("--haemorrhage", action="store_true", help="simulate with the haematoma")
@@ -214,7 +219,8 @@ def main() -> None:
     avail = {("mask", m): m == "true" or _registered("mask", m) for m in masks}
     avail.update({("unwrap", u): _registered("unwrap", u) for u in unwraps})
     avail.update({("echo_combine", f): _registered("echo_combine", f) for f in fits})
-    avail.update({("background", b): _registered("background", b) for b in bgs})
+    avail.update({("background", b): _registered("inversion", "tfi") if b == "tfi" else _registered("background", b)
+                  for b in bgs})
     if "phase_quality" in masks and not _registered("unwrap", "romeo"):
         avail[("mask", "phase_quality")] = False
         notes.append("mask phase_quality needs unwrap/romeo's quality map: romeo is not registered")

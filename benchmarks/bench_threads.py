@@ -19,7 +19,8 @@ Settings:
 * ``2-spin``: 2 threads, OpenMP's default wait policy (idle workers spin before they sleep): qsmkit
   before issue 20;
 * ``2-passive``: 2 threads, ``OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0``;
-* ``1``: ``OMP_NUM_THREADS=1``.
+* ``1``: ``OMP_NUM_THREADS=1``;
+* ``1-late``: ``QSMKIT_THREADS=1``: one thread set by the engine at the stage (torch started with all).
 
 Stages: ``espirit`` (coil maps, 2 slices 15 x 640 x 368), ``sense`` (CG-SENSE, 30 iterations),
 ``cs`` (L1-wavelet FISTA, 30 iterations), ``medi`` (the ``--medi-shape`` head, default parameters),
@@ -50,6 +51,7 @@ SETTINGS = {
     "2-spin": {"QSMKIT_THREADS": "2"},
     "2-passive": {"QSMKIT_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "1": {"OMP_NUM_THREADS": "1"},
+    "1-late": {"QSMKIT_THREADS": "1"},
     # the engine's thread decision with other wait policies than the default's 30 000 spin rounds
     "auto-passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
     "auto-spin3k": {"GOMP_SPINCOUNT": "3000"},

@@ -9,10 +9,11 @@ Parameters follow the authors' sampling config: ``n_steps`` 1000 (100 with ``acc
 ``snr`` 0.16 (0.32 accelerated), ``mse`` 2.5, ``corrector_mse`` 0.1, Euler-Maruyama predictor and
 Langevin corrector. Their tuning guide: artefacts -> raise ``snr``; blur or noise -> lower it;
 global brightness -> adjust ``mse`` / ``corrector_mse``. Two defaults are ours: ``support``
-(the final estimate is restricted to the maps' support, zero background where cropped ESPIRiT
-maps vanish, low frequencies kept exact) and ``t_eps`` 0.03 with accelerated sampling (Tweedie's
-noise removal at a later time: 100 steps leave more noise than ``s(1e-3)``); both were chosen on
-validation slices (``bench_hfs_sde.py --seed 7``), never on the benchmark's held-out seed.
+(the final image is zero where every map is zero: background that the data do not see and the
+sampler fills from the prior) and ``t_eps`` 0.03 with accelerated sampling (Tweedie's noise removal
+at a later time: 100 steps leave more noise than ``s(1e-3)``); both were chosen on validation slices
+(``bench_hfs_sde.py --seed 7``), never on the benchmark's held-out seed. ``samples`` (ours, default
+1) averages that many posterior samples (each a whole reverse process).
 
 ``checkpoint`` defaults to the shipped small model (``weights/hfs_sde_small.pt``: 128 x 128
 simulated anatomies, 16 low-frequency columns). Its quality depends entirely on the training
@@ -94,8 +95,11 @@ class HfsSde(_Recon):
         Param("corrector", str, "langevin", choices=("langevin", "none"), doc="corrector of each iteration"),
         Param("hard_dc", bool, True, doc="replace the acquired samples outside the low-frequency region after each step"),
         Param("denoise", bool, True, doc="finish with Tweedie's estimate at t_eps (score_sde noise_removal)"),
-        Param("support", bool, True, doc="restrict the final high frequencies to the maps' support "
-              "(sum_c |S_c|^2; zero background where cropped ESPIRiT maps vanish), then data consistency"),
+        Param("support", bool, True, doc="zero the final image where every map is zero (cropped ESPIRiT maps: "
+              "the background, which the data do not see and the sampler fills from the prior)"),
+        Param("samples", int, 1, range=(1, 64),
+              doc="posterior samples averaged (complex mean: an estimate of the posterior mean; each costs "
+                  "a whole reverse process)"),
         Param("t_eps", float, None, range=(1e-6, 0.5),
               doc="last diffusion time, where Tweedie's estimate removes the noise (default 1e-3; 0.03 accelerated)"),
         Param("low_frequency", str, "model", choices=("model", "low_frequency", "center"),
@@ -143,10 +147,14 @@ class HfsSde(_Recon):
         t_eps = p.t_eps if p.t_eps is not None else (0.03 if p.accelerated else 1e-3)
         gen = torch.Generator(device=y.device).manual_seed(int(p.seed) + self._batch)
         self._batch += 1
-        with progress_callback(n_steps, "HFS-SDE") as tick:
-            x = hfs_sde_reconstruct(eps_model, y, maps, mask, L, sde, n_steps=n_steps, snr=snr, mse=p.mse,
-                                    corrector_mse=p.corrector_mse, predictor=p.predictor, corrector=p.corrector,
-                                    hard_dc=p.hard_dc, denoise=p.denoise, t_eps=t_eps,
-                                    normalize_coeff=float(norm["normalize_coeff"]), generator=gen, tick=tick,
-                                    support=p.support)
-        return x[:, None]
+        n = int(p.samples)
+        x = None
+        with progress_callback(n_steps * n, "HFS-SDE") as tick:
+            for k in range(n):  # one generator: the first sample is the samples: 1 result
+                xk = hfs_sde_reconstruct(eps_model, y, maps, mask, L, sde, n_steps=n_steps, snr=snr, mse=p.mse,
+                                         corrector_mse=p.corrector_mse, predictor=p.predictor,
+                                         corrector=p.corrector, hard_dc=p.hard_dc, denoise=p.denoise, t_eps=t_eps,
+                                         normalize_coeff=float(norm["normalize_coeff"]), generator=gen,
+                                         tick=lambda j, k=k: tick(k * n_steps + j), support=p.support)
+                x = xk if x is None else x + xk
+        return (x / n)[:, None]

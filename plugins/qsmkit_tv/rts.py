@@ -17,6 +17,16 @@ Step 2 (ill-conditioned cone): TV-regularised ADMM that holds the well-condition
 with penalty ``rho``; the chi-update is diagonal in k-space,
 ``X = (mu M X_1 + rho F(grad^H (z - u))) / (mu M + rho |E|^2)``, the z-update a soft threshold
 at ``1 / rho``.
+
+Accuracy (measured, simulated heads with the default oversampling, from the TRUE local field,
+chi NRMSE over the brain mask): 23.9 % at 1.5 mm and 21.1 % at 1 mm, against MEDI's 15.4 % and
+15.1 %. The loss is step 1's: holding the cone spectrum of the TRUE chi (masked) instead, step 2
+gives 14.4 % and 12.8 % (9.2 % and 7.3 % with ``delta`` 0.1). Other step-1 estimates of that
+spectrum do no better: QSM.jl's (a few Krylov iterations on the unmasked ``D``, then the mask)
+35.4 % / 33.0 %; least squares with chi restricted to the mask, 10-50 CG iterations, 23.4 % /
+21.3 %; more CG iterations of the default overfit (20 iterations: 29.3 % at 1.5 mm). Step 2
+converged (100 iterations) or with QSM.jl's adaptive penalty (``rho`` times 5 when the primal
+residual falls by less than 0.7) changes the result by < 1 point.
 """
 
 from __future__ import annotations

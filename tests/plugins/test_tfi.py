@@ -131,7 +131,7 @@ def test_bad_input(two_compartment):
 
 
 def test_pipeline_without_background_stage_validates(tmp_path):
-    """mask -> unwrap -> echo_combine -> inversion(tfi) -> reference: no background stage needed."""
+    """unwrap -> mask -> echo_combine -> inversion(tfi) -> reference: no background stage needed."""
     from pathlib import Path
 
     from qsmkit.pipeline.plan import load_plan
@@ -148,7 +148,7 @@ def test_pipeline_without_background_stage_validates(tmp_path):
     steps = {s.kind: s for s in plan.steps}
     assert steps["inversion"].method == "tfi" and all(s.run for s in plan.steps)
     with pytest.raises(MissingArtifactError, match="total_field"):   # without echo_combine nothing makes it
-        p.write_text(p.read_text().replace("  - {stage: echo_combine, method: weighted_fit}", ""))
+        p.write_text(p.read_text().replace("  - {stage: echo_combine, method: nonlinear_fit}", ""))
         load_plan(p, load_registry(), output_dir=tmp_path / "out2")
 
 
