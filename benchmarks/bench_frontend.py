@@ -135,7 +135,8 @@ def _run_pipeline(spec: dict, threads: int, device: str = "cpu") -> dict:
         res = run_plan(plan, reg, log=lambda m: None, write=False)
     a = res.artifacts
     chi = np.asarray(a["chi"].data, np.float32)
-    local = np.asarray(a["local_field"].data, np.float32) if "local_field" in a else np.full(chi.shape, np.nan, np.float32)
+    local = (np.asarray(a["local_field"].data, np.float32) if "local_field" in a  # tfi rows have none
+             else np.full(chi.shape, np.nan, np.float32))
     out = {"_chi": chi, "_local": local, "_mask": np.asarray(a["mask"].data) > 0}
     from _gpu import gpu_peak_mib
 
