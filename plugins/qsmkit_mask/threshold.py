@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from qsmkit.errors import InputDataError
+from qsmkit.operators import dilate_mm, erode_mm
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -90,27 +91,6 @@ def _sample(x: np.ndarray, max_size: int = 2_000_000) -> np.ndarray:
     while x.size / k ** 3 > max_size:
         k += 1
     return x[::k, ::k, ::k] if k > 1 else x
-
-
-def erode_mm(mask: np.ndarray, radius_mm: float, voxel_size: Sequence[float]) -> np.ndarray:
-    """Erosion by a ball of ``radius_mm``: keep voxels with no outside voxel within that distance.
-
-    Voxels beyond the grid edge count as outside.
-    """
-    if radius_mm <= 0:
-        return np.asarray(mask, dtype=bool).copy()
-    padded = np.pad(np.asarray(mask, dtype=bool), 1)
-    dist = ndimage.distance_transform_edt(padded, sampling=voxel_size)[1:-1, 1:-1, 1:-1]
-    return dist > radius_mm + 1e-6
-
-
-def dilate_mm(mask: np.ndarray, radius_mm: float, voxel_size: Sequence[float]) -> np.ndarray:
-    """Dilation by a ball of ``radius_mm``: add voxels within that distance of the mask."""
-    m = np.asarray(mask, dtype=bool)
-    if radius_mm <= 0 or not m.any():
-        return m.copy()
-    dist = ndimage.distance_transform_edt(~m, sampling=voxel_size)
-    return dist <= radius_mm + 1e-6
 
 
 def threshold_mask(magnitude: np.ndarray, voxel_size: Sequence[float] = (1.0, 1.0, 1.0),

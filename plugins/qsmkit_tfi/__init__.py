@@ -16,17 +16,15 @@ default support), ``noise_weight`` (data weights; else the magnitude), ``field_s
 ``echo_times`` (phase scale of the data term, as MEDI; 3 T and 5 ms without them).
 
 In a pipeline that starts from phase (``unwrap -> mask -> echo_combine -> inversion: tfi``) the
-total field exists only where the unwrapping and the echo fit ran (the mask stage's mask): the
-noise weight is zero elsewhere, so the data are the brain's alone and the sources outside it
-(scalp, skull, sinuses, air) are constrained only by the field inside the brain. Measured on the
-simulator's default head (112 x 128 x 96 at 1.5 mm, oversampled; ``bench_frontend.py --unwrap
-romeo --fit nonlinear_fit --background pdf,tfi``), chi NRMSE over the brain mask eroded by 4.5 mm /
-over the whole mask: from the true total field of the whole head 16.3 / 26.7 %; from phase (romeo,
-phase_quality mask, nonlinear fit) 22.2 / 65.9 %, against PDF + MEDI 29.6 / 60.6 % on the same
-route. 85-90 % of TFI's squared error from phase lies in the mask's outer two voxel layers, where
-the field of the brain alone cannot tell brain from adjacent bone or air; a fit of the whole head
-from phase does not help (its field in scalp and air voxels is noise, and TFI fits it). The stage
-logs a warning when the field covers little more than the mask.
+total field exists only where the echo fit ran: the mask stage's mask, plus the fit's
+``margin_mm`` shell around it. Measured on the simulator's default head (112 x 128 x 96 at 1.5 mm,
+oversampled; ``bench_frontend.py``), chi NRMSE over the brain mask eroded by 4.5 mm / over the
+whole mask: from the true total field of the whole head 16.3 / 26.7 %; from phase (romeo,
+phase_quality mask, nonlinear fit) with a 4.5 mm fit margin 22.3 / 35.8 %, without it 22.2 /
+65.9 %, against PDF + MEDI 29.6 / 60.6 % on the same route. Without the margin 85-90 % of the
+error lies in the mask's outer two voxel layers, where the brain's field alone cannot tell brain
+from adjacent bone or air; a fit of the whole field of view does not work (the field in air is
+noise, and TFI fits it). The stage logs a warning when the field covers little more than the mask.
 """
 
 from __future__ import annotations
@@ -144,8 +142,9 @@ class TFI(Stage):
             if outside < 0.1 * int(m.sum()):
                 ctx.log(f"warning: the total field has data (noise_weight > 0) in only {outside} voxels outside the "
                         f"mask: TFI needs the field of the head around the brain (scalp, skull base) to tell brain "
-                        f"from background sources at the edge of the mask, where most of its error then lies; a "
-                        f"total_field and noise_weight that cover the head help")
+                        f"from background sources at the edge of the mask, where most of its error then lies; fit "
+                        f"a margin around the mask (echo_combine margin_mm: 4.5, unwrap before mask, as "
+                        f"pipelines/tfi.yaml) or give a total_field and noise_weight that cover the head")
         dev = resolve_device(p.device)
         if p.solver == "admm":
             res = tfi_admm(data, m, f.voxel_size, f.b0_direction, sup, arrays.get("magnitude"),

@@ -42,10 +42,10 @@ from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, 
                    is_torch)
 from .fourier import SMV, Dipole, FourierMultiplier
 from .gradient import Gradient, laplacian_kernel
-from .grid import PaddedBox, block_mean, bounding_box, padded_box
+from .grid import PaddedBox, block_mean, bounding_box, dilate_mm, erode_mm, padded_box
 from .solvers import CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, power_iteration, proximal_gradient
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
            "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "cg", "CGInfo", "power_iteration",
            "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
-           "bounding_box", "block_mean", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]
+           "bounding_box", "block_mean", "erode_mm", "dilate_mm", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

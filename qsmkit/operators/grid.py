@@ -1,4 +1,5 @@
-"""Grid helpers: the bounding box of a mask, that box zero-padded to an FFT-friendly grid, block means."""
+"""Grid helpers: the bounding box of a mask, that box zero-padded to an FFT-friendly grid, block means,
+erosion and dilation of a mask by a distance in mm."""
 
 from __future__ import annotations
 
@@ -10,6 +11,32 @@ import numpy as np
 from ..errors import InputDataError
 
 # =========================================================================== grid helper
+def erode_mm(mask: np.ndarray, radius_mm: float, voxel_size: Sequence[float]) -> np.ndarray:
+    """Erosion by a ball of ``radius_mm`` (mm; ``voxel_size`` in mm): keep voxels with no outside voxel
+    within that distance.
+
+    Voxels beyond the grid edge count as outside.
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if radius_mm <= 0:
+        return np.asarray(mask, dtype=bool).copy()
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    dist = distance_transform_edt(padded, sampling=voxel_size)[1:-1, 1:-1, 1:-1]
+    return dist > radius_mm + 1e-6
+
+
+def dilate_mm(mask: np.ndarray, radius_mm: float, voxel_size: Sequence[float]) -> np.ndarray:
+    """Dilation by a ball of ``radius_mm``: add voxels within that distance of the mask."""
+    from scipy.ndimage import distance_transform_edt
+
+    m = np.asarray(mask, dtype=bool)
+    if radius_mm <= 0 or not m.any():
+        return m.copy()
+    dist = distance_transform_edt(~m, sampling=voxel_size)
+    return dist <= radius_mm + 1e-6
+
+
 def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
     """Slices of the bounding box of the non-zero voxels of ``mask``, enlarged by ``margin`` voxels.
 

@@ -145,3 +145,57 @@ def test_phantom_field_from_true_phase(phantom_noiseless):
     inner = erode_mm(mask, 1.0, ph.magnitude.voxel_size)
     err = np.abs(res["field"] - tot)[inner]
     assert np.median(err) < 1e-3 and np.percentile(err, 95) < 0.01
+
+
+def _staged(phase, mag, mask, aff=None):
+    aff = np.diag([2.0, 2.0, 2.0, 1.0]) if aff is None else aff
+    return {"unwrapped_phase": Volume(phase, aff, units="rad"), "magnitude": Volume(mag, aff),
+            "mask": Volume(mask, aff, units="bool"), "echo_times": TE, "field_strength": B0}
+
+
+def _run_logged(cls, art, params):
+    p = cls.validate_params(params, where="stages.0")
+    lines = []
+    ctx = StageContext(dict(art), stage_label=f"{cls.kind}/{cls.name}", log=lines.append)
+    return cls().run(ctx, p), lines
+
+
+def test_margin_fits_a_shell_around_the_mask():
+    from qsmkit.operators import dilate_mm
+
+    field, phi0, phase, mag = _linear_case()
+    mask = np.zeros(field.shape, bool)
+    mask[3:9, 3:7, 2:6] = True
+    art = _staged(phase, mag, mask)
+    plain, _ = _run_logged(WeightedFit, art, {})
+    grown, lines = _run_logged(WeightedFit, art, {"margin_mm": 2.0})
+    shell = dilate_mm(mask, 2.0, (2.0, 2.0, 2.0)) & ~mask   # one 2 mm voxel around the mask
+    f0, f1 = np.asarray(plain["total_field"].data), np.asarray(grown["total_field"].data)
+    assert np.array_equal(f1[mask], f0[mask]) and np.all(f0[shell] == 0)
+    np.testing.assert_allclose(f1[shell], field[shell], atol=2e-5)
+    assert np.all(f1[~(mask | shell)] == 0) and np.all(np.asarray(grown["noise_weight"].data)[shell] > 0)
+    assert any("2 mm margin" in ln for ln in lines)
+    # unwrapping that ran inside the mask only leaves zeros around it: the fit stays in the mask, and says so
+    inside_only = np.where(mask[..., None], phase, 0).astype(np.float32)
+    out, lines = _run_logged(WeightedFit, _staged(inside_only, mag, mask), {"margin_mm": 2.0})
+    assert np.all(np.asarray(out["total_field"].data)[~mask] == 0)
+    assert any("unwrap stage before the mask stage" in ln for ln in lines)
+
+
+def test_nonlinear_fit_margin_fits_the_shell_too():
+    from qsmkit.operators import dilate_mm
+    from qsmkit_echofit import NonlinearFit
+
+    field, phi0, phase, mag = _linear_case(shape=(16, 14, 12))
+    field = np.full_like(field, 0.3)  # smooth: one alias branch everywhere
+    phase = np.stack([phi0 + ppm_to_phase(field, t, B0) for t in TE], -1).astype(np.float32)
+    mask = np.zeros(field.shape, bool)
+    mask[4:12, 4:10, 3:9] = True
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    art = {**_staged(phase, mag, mask, aff), "phase": Volume(np.angle(np.exp(1j * phase)).astype(np.float32), aff,
+                                                              units="rad")}
+    out, _ = _run_logged(NonlinearFit, art, {"margin_mm": 4.0})
+    grown = dilate_mm(mask, 4.0, (2.0, 2.0, 2.0))
+    f = np.asarray(out["total_field"].data)
+    np.testing.assert_allclose(f[grown], field[grown], atol=1e-4)
+    assert np.all(f[~grown] == 0)
