@@ -14,9 +14,9 @@ from .wls import weighted_fit
 
 __all__ = ["WeightedFit", "weighted_fit", "NonlinearFit", "nonlinear_fit"]
 
-#: the ``margin_mm`` parameter of both fits
+#: the ``fit_margin_mm`` parameter of both fits
 MARGIN_PARAM = Param(
-    "margin_mm", float, 0.0, unit="mm", range=(0.0, 50.0),
+    "fit_margin_mm", float, 0.0, unit="mm", range=(0.0, 50.0),
     doc="fit also in a shell of this width around the mask (the field there helps total field inversion "
         "tell brain from background sources at the mask's edge; needs the phase unwrapped there, i.e. the "
         "unwrap stage before the mask stage); 0 = inside the mask")
@@ -32,7 +32,7 @@ def fit_region(ctx, shape, margin_mm: float, voxel_size, unwrapped: np.ndarray, 
     shell = grown & ~mask
     unwrapped_there = np.any(unwrapped[shell] != 0, axis=-1)
     if not unwrapped_there.any():
-        ctx.log(f"warning: {label}: margin_mm {margin_mm:g}: the unwrapped phase is zero around the mask (the "
+        ctx.log(f"warning: {label}: fit_margin_mm {margin_mm:g}: the unwrapped phase is zero around the mask (the "
                 f"unwrapping ran inside the mask only); fitting inside the mask. Put the unwrap stage before the "
                 f"mask stage to fit the margin")
         return mask
@@ -88,7 +88,7 @@ class WeightedFit(Stage):
             if mag.shape != phase.shape:
                 raise GeometryError(f"magnitude shape {mag.shape} differs from unwrapped_phase {phase.shape}; "
                                     "give magnitude and phase on the same grid and echoes")
-        mask = fit_region(ctx, phase.shape[:3], p.margin_mm, up.voxel_size, phase, "echo_combine/weighted_fit")
+        mask = fit_region(ctx, phase.shape[:3], p.fit_margin_mm, up.voxel_size, phase, "echo_combine/weighted_fit")
         res = weighted_fit(phase, mag, te, b0, mask, p.fit_offset, p.weighting, p.correct_wraps)
         sig = f"sigma {res['sigma']:.4g}, " if np.isfinite(res["sigma"]) else ""
         ctx.log(f"fitted {n_e} echoes (TE {te.min() * 1e3:.2f}-{te.max() * 1e3:.2f} ms, {b0:g} T); "
@@ -143,7 +143,7 @@ class NonlinearFit(Stage):
                              "use weighted_fit with fit_offset: false")
         if np.ptp(te) <= 0:
             raise InputDataError("all echo times are equal; the fit needs different echo times")
-        mask = fit_region(ctx, phase.shape[:3], p.margin_mm, pv.voxel_size, up, "echo_combine/nonlinear_fit")
+        mask = fit_region(ctx, phase.shape[:3], p.fit_margin_mm, pv.voxel_size, up, "echo_combine/nonlinear_fit")
         sel = mag if mask is None else mag[mask]
         if not np.any(sel > 0):
             raise InputDataError("echo_combine/nonlinear_fit: the magnitude is zero everywhere"

@@ -17,14 +17,13 @@ default support), ``noise_weight`` (data weights; else the magnitude), ``field_s
 
 In a pipeline that starts from phase (``unwrap -> mask -> echo_combine -> inversion: tfi``) the
 total field exists only where the echo fit ran: the mask stage's mask, plus the fit's
-``margin_mm`` shell around it. Measured on the simulator's default head (112 x 128 x 96 at 1.5 mm,
-oversampled; ``bench_frontend.py``), chi NRMSE over the brain mask eroded by 4.5 mm / over the
-whole mask: from the true total field of the whole head 16.3 / 26.7 %; from phase (romeo,
-phase_quality mask, nonlinear fit) with a 4.5 mm fit margin 22.3 / 35.8 %, without it 22.2 /
-65.9 %, against PDF + MEDI 29.6 / 60.6 % on the same route. Without the margin 85-90 % of the
-error lies in the mask's outer two voxel layers, where the brain's field alone cannot tell brain
-from adjacent bone or air; a fit of the whole field of view does not work (the field in air is
-noise, and TFI fits it). The stage logs a warning when the field covers little more than the mask.
+``fit_margin_mm`` shell around it. Measured on the simulator's heads (oversampled;
+``bench_frontend.py``), chi NRMSE over the brain mask eroded by 4.5 mm / over the whole mask, from
+phase (romeo, phase_quality mask, nonlinear fit): with a 2.5 mm fit margin 21.9 / 36.0 % at 1.5 mm
+and 14.5 / 25.3 % at 1 mm; without it 22.2 / 65.9 % and 13.9 / 66.7 %; PDF + MEDI on the same route
+29.6 / 60.6 % and 32.3 / 48.5 %. Without the margin 85-90 % of the error lies in the mask's outer
+two voxel layers, where the brain's field alone cannot tell brain from adjacent bone or air; a fit
+of the whole field of view does not work (the field in air is noise, and TFI fits it). The stage logs a warning when the field covers little more than the mask.
 """
 
 from __future__ import annotations
@@ -143,7 +142,7 @@ class TFI(Stage):
                 ctx.log(f"warning: the total field has data (noise_weight > 0) in only {outside} voxels outside the "
                         f"mask: TFI needs the field of the head around the brain (scalp, skull base) to tell brain "
                         f"from background sources at the edge of the mask, where most of its error then lies; fit "
-                        f"a margin around the mask (echo_combine margin_mm: 4.5, unwrap before mask, as "
+                        f"a margin around the mask (echo_combine fit_margin_mm: 2.5, unwrap before mask, as "
                         f"pipelines/tfi.yaml) or give a total_field and noise_weight that cover the head")
         dev = resolve_device(p.device)
         if p.solver == "admm":

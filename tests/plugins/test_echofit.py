@@ -168,7 +168,7 @@ def test_margin_fits_a_shell_around_the_mask():
     mask[3:9, 3:7, 2:6] = True
     art = _staged(phase, mag, mask)
     plain, _ = _run_logged(WeightedFit, art, {})
-    grown, lines = _run_logged(WeightedFit, art, {"margin_mm": 2.0})
+    grown, lines = _run_logged(WeightedFit, art, {"fit_margin_mm": 2.0})
     shell = dilate_mm(mask, 2.0, (2.0, 2.0, 2.0)) & ~mask   # one 2 mm voxel around the mask
     f0, f1 = np.asarray(plain["total_field"].data), np.asarray(grown["total_field"].data)
     assert np.array_equal(f1[mask], f0[mask]) and np.all(f0[shell] == 0)
@@ -177,7 +177,7 @@ def test_margin_fits_a_shell_around_the_mask():
     assert any("2 mm margin" in ln for ln in lines)
     # unwrapping that ran inside the mask only leaves zeros around it: the fit stays in the mask, and says so
     inside_only = np.where(mask[..., None], phase, 0).astype(np.float32)
-    out, lines = _run_logged(WeightedFit, _staged(inside_only, mag, mask), {"margin_mm": 2.0})
+    out, lines = _run_logged(WeightedFit, _staged(inside_only, mag, mask), {"fit_margin_mm": 2.0})
     assert np.all(np.asarray(out["total_field"].data)[~mask] == 0)
     assert any("unwrap stage before the mask stage" in ln for ln in lines)
 
@@ -194,7 +194,7 @@ def test_nonlinear_fit_margin_fits_the_shell_too():
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     art = {**_staged(phase, mag, mask, aff), "phase": Volume(np.angle(np.exp(1j * phase)).astype(np.float32), aff,
                                                               units="rad")}
-    out, _ = _run_logged(NonlinearFit, art, {"margin_mm": 4.0})
+    out, _ = _run_logged(NonlinearFit, art, {"fit_margin_mm": 4.0})
     grown = dilate_mm(mask, 4.0, (2.0, 2.0, 2.0))
     f = np.asarray(out["total_field"].data)
     np.testing.assert_allclose(f[grown], field[grown], atol=1e-4)
