@@ -17,17 +17,19 @@ __all__ = ["WeightedFit", "weighted_fit", "NonlinearFit", "nonlinear_fit"]
 #: the ``fit_margin_mm`` parameter of both fits
 MARGIN_PARAM = Param(
     "fit_margin_mm", float, 0.0, unit="mm", range=(0.0, 50.0),
-    doc="fit also in a shell of this width around the mask (the field there helps total field inversion "
-        "tell brain from background sources at the mask's edge; needs the phase unwrapped there, i.e. the "
+    doc="fit also in a shell of this width (at least one voxel) around the mask (the field there helps total "
+        "field inversion tell brain from background sources at the mask's edge; needs the phase unwrapped there, i.e. the "
         "unwrap stage before the mask stage); 0 = inside the mask")
 
 
 def fit_region(ctx, shape, margin_mm: float, voxel_size, unwrapped: np.ndarray, label: str):
-    """The voxels to fit: the mask (None: all), dilated by ``margin_mm`` when given. The margin is
-    dropped, with a log line, where the unwrapped phase is zero (unwrapping ran inside the mask only)."""
+    """The voxels to fit: the mask (None: all), dilated by ``margin_mm`` (at least one voxel) when given.
+    The margin is dropped, with a log line, where the unwrapped phase is zero (unwrapping ran inside
+    the mask only)."""
     mask = ctx.optional_mask(shape)
     if mask is None or margin_mm <= 0:
         return mask
+    margin_mm = max(float(margin_mm), float(min(voxel_size)))
     grown = dilate_mm(mask, margin_mm, voxel_size)
     shell = grown & ~mask
     unwrapped_there = np.any(unwrapped[shell] != 0, axis=-1)

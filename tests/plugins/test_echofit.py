@@ -175,6 +175,9 @@ def test_margin_fits_a_shell_around_the_mask():
     np.testing.assert_allclose(f1[shell], field[shell], atol=2e-5)
     assert np.all(f1[~(mask | shell)] == 0) and np.all(np.asarray(grown["noise_weight"].data)[shell] > 0)
     assert any("2 mm margin" in ln for ln in lines)
+    # a margin below the voxel size is one voxel
+    thin, _ = _run_logged(WeightedFit, art, {"fit_margin_mm": 0.5})
+    assert np.array_equal(np.asarray(thin["total_field"].data), f1)
     # unwrapping that ran inside the mask only leaves zeros around it: the fit stays in the mask, and says so
     inside_only = np.where(mask[..., None], phase, 0).astype(np.float32)
     out, lines = _run_logged(WeightedFit, _staged(inside_only, mag, mask), {"fit_margin_mm": 2.0})
