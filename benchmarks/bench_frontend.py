@@ -17,7 +17,8 @@ CPU time of all threads, peak RSS of that process, inputs and imports included):
   phase_quality]`` (the new mask; it needs ROMEO's quality map), ``[phase_offset mcpc3ds]`` with
   ``--mcpc``, ``unwrap <unwrap>`` (inside the mask), ``echo_combine <fit>``, ``background
   <background>``, ``inversion medi``, all with default parameters (background ``tfi``: no
-  background stage, ``inversion tfi`` instead of MEDI; its ``local`` column is empty);
+  background stage, ``inversion tfi`` instead of MEDI; its ``local`` column is empty; with
+  ``--fit-margin-mm`` the echo fit also covers that shell around the mask, unwrapped unmasked);
 * reference rows ``<mask> / truth / truth / background``: the TRUE total field, the same mask
   (the true mask, or the phase_quality mask made by the front end from the data) and the
   analytic noise weight ``2 pi GAMMA_BAR B0 sqrt(sum_e (|S_e| TE_e)^2) / sigma`` (1/ppm, as
@@ -111,7 +112,12 @@ def _spec(info: dict, row: dict, new_mask_file: str | None) -> dict:
             stages += [{"stage": "unwrap", "method": "romeo"}, {"stage": "mask", "method": row["mask"]}]
         if row.get("mcpc"):
             stages.append({"stage": "phase_offset", "method": "mcpc3ds"})
-        stages += [{"stage": "unwrap", "method": row["unwrap"]}, {"stage": "echo_combine", "method": row["fit"]}]
+        margin = row.get("fit_margin_mm", 0.0)
+        unwrap = {"stage": "unwrap", "method": row["unwrap"]}
+        fit = {"stage": "echo_combine", "method": row["fit"]}
+        if margin > 0:  # the fit's margin needs the phase unwrapped around the mask
+            unwrap["params"], fit["params"] = {"use_mask": False}, {"fit_margin_mm": margin}
+        stages += [unwrap, fit]
     if row["background"] == "tfi":  # total field inversion: no background stage
         stages.append({"stage": "inversion", "method": "tfi"})
     else:
@@ -188,6 +194,8 @@ def main() -> None:
     ap.add_argument("--haemorrhage", action="store_true", help="simulate with the haematoma")
     ap.add_argument("--mcpc", action="store_true", help="add phase_offset/mcpc3ds before unwrapping")
     ap.add_argument("--eval-erode-mm", type=float, default=4.5)
+    ap.add_argument("--fit-margin-mm", type=float, default=0.0,
+                    help="echo fit also in this shell around the mask (unwrapping then unmasked), e.g. 2.5 for tfi")
     ap.add_argument("--shape", default="112,128,96")
     ap.add_argument("--voxel", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
@@ -238,7 +246,8 @@ def main() -> None:
             for u in unwraps:
                 for f in fits:
                     if avail[("unwrap", u)] and avail[("echo_combine", f)]:
-                        plan.append(({"mask": mk, "unwrap": u, "fit": f, "background": bg, "mcpc": a.mcpc}, new_file))
+                        plan.append(({"mask": mk, "unwrap": u, "fit": f, "background": bg, "mcpc": a.mcpc,
+                                      "fit_margin_mm": a.fit_margin_mm}, new_file))
     if "cuda" in _devices(a.device):  # GPU rows: the reference rows (pdf / medi are the torch stages)
         plan += [(dict(row, device="cuda"), f) for row, f in plan if row["unwrap"] == "truth"]
     ref = {}

@@ -18,8 +18,8 @@ __all__ = ["WeightedFit", "weighted_fit", "NonlinearFit", "nonlinear_fit"]
 MARGIN_PARAM = Param(
     "fit_margin_mm", float, 0.0, unit="mm", range=(0.0, 50.0),
     doc="fit also in a shell of this width (at least one voxel) around the mask (the field there helps total "
-        "field inversion tell brain from background sources at the mask's edge; needs the phase unwrapped there, i.e. the "
-        "unwrap stage before the mask stage); 0 = inside the mask")
+        "field inversion tell brain from background sources at the mask's edge; needs the phase unwrapped "
+        "there, i.e. the unwrap stage before the mask stage); 0 = inside the mask")
 
 
 def fit_region(ctx, shape, margin_mm: float, voxel_size, unwrapped: np.ndarray, label: str):

@@ -23,7 +23,8 @@ phase (romeo, phase_quality mask, nonlinear fit): with a 2.5 mm fit margin 21.9 
 and 14.5 / 25.3 % at 1 mm; without it 22.2 / 65.9 % and 13.9 / 66.7 %; PDF + MEDI on the same route
 29.6 / 60.6 % and 32.3 / 48.5 %. Without the margin 85-90 % of the error lies in the mask's outer
 two voxel layers, where the brain's field alone cannot tell brain from adjacent bone or air; a fit
-of the whole field of view does not work (the field in air is noise, and TFI fits it). The stage logs a warning when the field covers little more than the mask.
+of the whole field of view does not work (the field in air is noise, and TFI fits it). The stage
+logs a warning when the field covers little more than the mask.
 """
 
 from __future__ import annotations
