@@ -112,7 +112,7 @@ def _run(method: str, d: dict, args, device: str = "cpu") -> dict:
         from qsmkit_tv import rts
 
         chi, i = rts(d["local"], m, vs, b0, device=device, return_info=True)
-        info = f"{i['cg_iter']} cg + {i['n_iter']} it"
+        info = f"{i['minres_iter']} minres + {i['n_iter']} it"
     elif method in ("medi", "medi_hf", "pdf_medi"):
         from qsmkit_medi import medi
 

@@ -247,6 +247,45 @@ def test_cg_batched_and_torch():
     np.testing.assert_allclose(xc, np.linalg.solve(h, bc), rtol=1e-7, atol=1e-9)
 
 
+def test_minres_against_dense_solve_and_scipy():
+    """MINRES on a symmetric INDEFINITE system: the exact solution, scipy's iterates, one A per step."""
+    from scipy.sparse.linalg import minres as sp_minres
+
+    rng = np.random.default_rng(9)
+    q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
+    a = q @ np.diag(np.concatenate([-np.geomspace(1, 30, 15), np.geomspace(0.5, 20, 25)])) @ q.T
+    b = rng.standard_normal(40)
+    calls = []
+    x, info = ops.minres(lambda v: calls.append(1) or a @ v, b, tol=1e-10, max_iter=200)
+    np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
+    assert info.converged and len(calls) == info.iterations == len(info.residuals) - 1
+    # iterate k is scipy's iterate k (the minimum-residual point of the same Krylov space)
+    for k in (3, 10):
+        xk, ik = ops.minres(_Dense(a), b, tol=0, max_iter=k)
+        np.testing.assert_allclose(xk, sp_minres(a, b, maxiter=k, rtol=1e-15)[0], rtol=1e-8, atol=1e-10)
+        assert ik.residuals[-1] == pytest.approx(np.linalg.norm(b - a @ xk) / np.linalg.norm(b), rel=1e-6)
+    # CG breaks down on it (non-positive curvature); MINRES residuals never increase
+    assert ops.cg(_Dense(a), b, tol=1e-10, max_iter=200)[1].breakdown
+    assert np.all(np.diff(info.residuals) <= 1e-12)
+    # an SPD preconditioner (scaled system): fewer iterations, same solution, scipy's iterates
+    s = np.geomspace(1.0, 100.0, 40)
+    a2 = a * s[:, None] * s[None, :]
+    m = ops.Diagonal(1.0 / s ** 2)
+    xp, ip = ops.minres(_Dense(a2), b, M=m, tol=1e-10, max_iter=400)
+    _, inp = ops.minres(_Dense(a2), b, tol=1e-10, max_iter=400)
+    np.testing.assert_allclose(xp, np.linalg.solve(a2, b), rtol=1e-5, atol=1e-8)
+    assert ip.iterations < inp.iterations
+    x5, _ = ops.minres(_Dense(a2), b, M=m, tol=0, max_iter=5)
+    np.testing.assert_allclose(x5, sp_minres(a2, b, M=np.diag(1.0 / s ** 2), maxiter=5, rtol=1e-15)[0],
+                               rtol=1e-7, atol=1e-10)
+    # torch backend, and b = 0
+    torch = pytest.importorskip("torch")
+    xt, _ = ops.minres(lambda v: torch.from_numpy(a) @ v, torch.from_numpy(b), tol=0, max_iter=10)
+    np.testing.assert_allclose(xt.numpy(), ops.minres(_Dense(a), b, tol=0, max_iter=10)[0], rtol=1e-8, atol=1e-10)
+    x0, i0 = ops.minres(_Dense(a), np.zeros(40))
+    assert not x0.any() and i0.iterations == 0 and i0.converged
+
+
 def test_power_iteration_against_eigvalsh():
     rng = np.random.default_rng(7)
     a = rng.standard_normal((30, 20))

@@ -70,11 +70,11 @@ class TV(Stage):
 
 
 class RTS(Stage):
-    """Rapid two-step: CG on the well-conditioned cone, then TV-ADMM for the ill-conditioned cone."""
+    """Rapid two-step: MINRES fit for the well-conditioned cone, then TV-ADMM for the ill-conditioned cone."""
 
     kind, name = "inversion", "rts"
     reads, writes = ("local_field", "mask"), ("chi",)
-    description = ("rapid two-step inversion (Kames 2018, QSMxT's default): well-conditioned cone by CG, "
+    description = ("rapid two-step inversion (Kames 2018, QSMxT's default): well-conditioned cone by a masked MINRES fit, "
                    "ill-conditioned cone by TV-ADMM; torch CPU or GPU")
     params = (
         Param("delta", float, 0.15, range=(0.01, 0.6), doc="well-conditioned cone |D| > delta (Kames 2018)"),
@@ -82,9 +82,12 @@ class RTS(Stage):
         Param("rho", float, 10.0, range=(1e-3, 1e6), doc="ADMM penalty of step 2; TV threshold 1/rho"),
         max_iter(20, range=(1, 10000), doc="ADMM iterations of step 2 (at most)"),
         tol(1e-2, range=(0.0, 1.0), doc="stop step 2 when ||chi_k - chi_k-1|| / ||chi_k|| falls below this"),
-        Param("cg_max_iter", int, 4, range=(0, 1000),
-              doc="step-1 CG iterations on the masked data (0 = closed-form division on the cone)"),
-        Param("cg_tol", float, 1e-2, range=(0.0, 1.0), doc="step-1 CG relative residual tolerance"),
+        Param("minres_iter", int, 8, range=(1, 1000),
+              doc="step-1 preconditioned MINRES iterations (fit of chi in the mask to the field)"),
+        Param("precond_floor", float, 0.03, range=(1e-4, 0.6),
+              doc="step-1 preconditioner 1 / max(|D|, precond_floor)"),
+        Param("step1_padding_mm", float, 40.0, unit="mm", range=(0.0, 1000.0),
+              doc="zeros appended per axis to the step-1 grid (keeps the periodic copies' field away)"),
         _PADDING, _MARGIN, DEVICE_PARAM,
     )
 
@@ -92,9 +95,11 @@ class RTS(Stage):
         f, m = _check(ctx, "inversion/rts")
         dev = resolve_device(p.device)
         chi, info = rts(f.data, m, f.voxel_size, f.b0_direction, delta=p.delta, mu=p.mu, rho=p.rho, tol=p.tol,
-                        max_iter=p.max_iter, cg_tol=p.cg_tol, cg_max_iter=p.cg_max_iter, padding=p.padding,
-                        margin=p.margin, device=dev, return_info=True)
-        ctx.log(f"{info['cg_iter']} CG + {info['n_iter']} ADMM iterations on "
+                        max_iter=p.max_iter, minres_iter=p.minres_iter, precond_floor=p.precond_floor,
+                        step1_padding_mm=p.step1_padding_mm, padding=p.padding, margin=p.margin, device=dev,
+                        return_info=True)
+        ctx.log(f"{info['minres_iter']} MINRES on {'x'.join(map(str, info['step1_shape']))} + "
+                f"{info['n_iter']} ADMM iterations on "
                 f"{'x'.join(map(str, info['fft_shape']))}, "
                 f"{'converged' if info['converged'] else 'stopped at max_iter'}, on {dev}")
         return {"chi": f.like(chi, units="ppm")}

@@ -24,13 +24,14 @@ Operators defined here:
   :class:`Adjoint`, :class:`Normal`).
 
 Solvers: :func:`cg` (preconditioned conjugate gradients, batched, ONE stopping rule:
-``||r|| / ||b|| <= tol`` or ``max_iter``) and :func:`power_iteration` (largest eigenvalue of
+``||r|| / ||b|| <= tol`` or ``max_iter``), :func:`minres` (symmetric indefinite systems, one
+application of ``A`` per iteration) and :func:`power_iteration` (largest eigenvalue of
 ``A^H A``, e.g. a Lipschitz constant), :func:`proximal_gradient` (FISTA / POGM with restart) and
 :func:`condat_vu` (primal-dual) for ``1/2 ||A x - y||^2 + g(.)``. Grid helper: :func:`bounding_box`.
 
 Modules: :mod:`~qsmkit.operators.base` (``Linop``, algebra, ``Diagonal``),
 :mod:`~qsmkit.operators.fourier` (``FourierMultiplier``, ``Dipole``, ``SMV``),
-:mod:`~qsmkit.operators.gradient`, :mod:`~qsmkit.operators.solvers` (``cg``, ``power_iteration``),
+:mod:`~qsmkit.operators.gradient`, :mod:`~qsmkit.operators.solvers` (``cg``, ``minres``, ``power_iteration``),
 :mod:`~qsmkit.operators.grid` (``bounding_box``). Import everything from ``qsmkit.operators``.
 
 Every subclass of :class:`Linop` may provide a small example instance (classmethod
@@ -43,9 +44,10 @@ from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, 
 from .fourier import SMV, Dipole, FourierMultiplier
 from .gradient import Gradient, laplacian_kernel
 from .grid import PaddedBox, block_mean, bounding_box, dilate_mm, erode_mm, padded_box
-from .solvers import CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, power_iteration, proximal_gradient
+from .solvers import (CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, minres, power_iteration,
+                      proximal_gradient)
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
-           "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "cg", "CGInfo", "power_iteration",
-           "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
+           "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "cg", "CGInfo", "minres",
+           "power_iteration", "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
            "bounding_box", "block_mean", "erode_mm", "dilate_mm", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]

@@ -1,4 +1,5 @@
-"""Solvers shared by every method: :func:`cg` (one stopping rule), :func:`power_iteration`, the
+"""Solvers shared by every method: :func:`cg` (one stopping rule), :func:`minres` (symmetric
+indefinite systems, the same stopping rule), :func:`power_iteration`, the
 Gauss-Newton helpers :func:`line_warm_start` and :func:`backtrack` (MEDI, TFI), and the proximal
 splitting methods :func:`proximal_gradient` (FISTA, POGM) and :func:`condat_vu` (primal-dual)."""
 
@@ -188,6 +189,90 @@ class _CGScalars:
             y.add_(x, alpha=a)
         else:
             y += a * x
+
+
+# =========================================================================== MINRES
+def minres(A, b, *, M=None, tol: float = 1e-6, max_iter: int = 100):
+    """Solve ``A x = b`` (``A`` real symmetric, possibly indefinite) by preconditioned MINRES.
+
+    Paige & Saunders 1975 (the recurrences of scipy's ``minres``), from ``x0 = 0``: iterate ``k``
+    minimises ``||b - A x||_{M}`` over the Krylov space ``K_k(M A, M b)``. One application of
+    ``A`` (and of ``M``) per iteration, where conjugate gradients on the normal equations of an
+    indefinite ``A`` need two (and converge with the squared condition number). Stopping rule as
+    :func:`cg`: ``||r||_M / ||b||_M <= tol`` (the recurrence's estimate) or ``max_iter``.
+
+    Parameters
+    ----------
+    A : Linop or callable
+        The symmetric operator.
+    b : ndarray or torch.Tensor
+        Right-hand side (real).
+    M : Linop or callable, optional
+        Preconditioner, an approximation of ``|A|^-1`` (symmetric positive definite).
+    tol : float
+        Relative (preconditioned) residual at which to stop (0: run ``max_iter``).
+    max_iter : int
+        Maximum number of iterations.
+
+    Returns
+    -------
+    x : like ``b``
+        The solution.
+    info : CGInfo
+        Iterations, the residual estimates ``||r||_M / ||b||_M``, ``converged``; ``breakdown``
+        when ``M`` was found not positive definite.
+    """
+    ops = _CGScalars(b, 0)
+    x = _zeros_like(b)
+    r1, r2 = _copy(b), _copy(b)
+    y = r2 if M is None else _apply(M, r2)
+    yr = _vdot(r1, y)
+    info = CGInfo(residuals=[1.0 if yr > 0 else 0.0])
+    if yr <= 0:
+        info.converged, info.breakdown = yr == 0, yr < 0
+        return x, info
+    beta1 = beta = math.sqrt(yr)
+    oldb = dbar = epsln = sn = 0.0
+    cs, phibar = -1.0, beta1
+    v, w, w2 = _zeros_like(b), _zeros_like(b), _zeros_like(b)
+    k = 0
+    while k < int(max_iter) and phibar > tol * beta1:
+        k += 1
+        v[...] = y
+        v *= 1.0 / beta
+        y = _copy(_apply(A, v))
+        if k > 1:
+            ops.axpy(y, -beta / oldb, r1)
+        alfa = _vdot(v, y)
+        ops.axpy(y, -alfa / beta, r2)
+        r1, r2 = r2, y
+        y = r2 if M is None else _apply(M, r2)
+        yr = _vdot(r2, y)
+        if yr < 0:
+            info.breakdown = True
+            break
+        oldb, beta = beta, math.sqrt(yr)
+        # the next plane rotation of the tridiagonal QR factorisation
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln, dbar = sn * beta, -cs * beta
+        gamma = max(math.hypot(gbar, beta), 1e-30)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w          # w = (v - oldeps w1 - delta w2) / gamma, in w1's buffer
+        w1 *= -oldeps
+        ops.axpy(w1, -delta, w2)
+        w1 += v
+        w1 *= 1.0 / gamma
+        w = w1
+        ops.axpy(x, phi, w)
+        info.residuals.append(phibar / beta1)
+        if beta == 0.0:       # invariant Krylov space: x is exact
+            break
+    info.iterations = k
+    info.converged = bool(info.residuals[-1] <= tol)
+    return x, info
 
 
 # =========================================================================== power iteration
