@@ -174,9 +174,8 @@ def _step1(grid: WorkGrid, field, voxel_size, b0_dir, n_iter: int, floor: float,
     f = big.to_work(field, dev)
     w = big.to_work(np.ones(grid.shape, np.float32), dev)
     dip = Dipole(fs1, voxel_size, b0_dir, padding=1.0, device=dev)
-    d = FourierMultiplier(fs1, dip.kernel, rfft=True)
     precond = FourierMultiplier(fs1, 1.0 / torch.clamp(dip.kernel.abs(), min=float(floor)), rfft=True)
-    x, info = minres(lambda v: w * d.apply(w * v), w * f, M=precond, tol=0.0, max_iter=int(n_iter))
+    x, info = minres(lambda v: w * dip.apply(w * v), w * f, M=precond, tol=0.0, max_iter=int(n_iter))
     x *= w
     out = torch.zeros(grid.fft_shape, dtype=torch.float32, device=dev)
     sx, sy, sz = sub
