@@ -32,7 +32,7 @@ and 21.1 % at 1 mm (the cone of
 the TRUE chi instead: 13.8 % and 12.8 %). QSM.jl's step 1 (Krylov on the unmasked ``D``): 35.4 % /
 33.0 %. Fitting ``chi`` supported in the mask with the whole kernel removes the out-of-mask
 assumption: 19.8 % at 1.5 mm and 17.8 % at 1 mm with the defaults (2.2-2.5 s at 1 mm on 2 cores,
-MEDI 8.8-10.2 s). Without the step-1 padding: 22.2 % at 1 mm; 20 iterations with floor 0.05 and
+MEDI 7.0-10.2 s). Without the step-1 padding: 22.2 % at 1 mm; 20 iterations with floor 0.05 and
 64 mm of padding: 17.2 % in 4x the time; unpreconditioned, 40 MINRES or 20 CG iterations on the
 normal equations reach 18-19 %. Step 2 converged (100 iterations) or with QSM.jl's adaptive
 penalty changes the result by < 1 point. The defaults were chosen on those two heads.
