@@ -255,8 +255,10 @@ def test_minres_against_dense_solve_and_scipy():
     q = np.linalg.qr(rng.standard_normal((40, 40)))[0]
     a = q @ np.diag(np.concatenate([-np.geomspace(1, 30, 15), np.geomspace(0.5, 20, 25)])) @ q.T
     b = rng.standard_normal(40)
+    keep = b.copy()
     calls = []
     x, info = ops.minres(lambda v: calls.append(1) or a @ v, b, tol=1e-10, max_iter=200)
+    np.testing.assert_array_equal(b, keep)  # b is not modified
     np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-6, atol=1e-8)
     assert info.converged and len(calls) == info.iterations == len(info.residuals) - 1
     # iterate k is scipy's iterate k (the minimum-residual point of the same Krylov space)

@@ -40,6 +40,7 @@ penalty changes the result by < 1 point. The defaults were chosen on those two h
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -170,7 +171,7 @@ def _step1(grid: WorkGrid, field, voxel_size, b0_dir, n_iter: int, floor: float,
     sub = grid.sub_shape
     extra = [int(np.ceil(pad_mm / float(v))) for v in voxel_size]
     fs1 = padded_shape(tuple(n + max(e, f - n) for n, e, f in zip(sub, extra, grid.fft_shape)), 1.0 + 1e-9)
-    big = WorkGrid(grid.shape, grid.box, fs1, grid.mask)
+    big = replace(grid, fft_shape=fs1)
     f = big.to_work(field, dev)
     w = big.to_work(np.ones(grid.shape, np.float32), dev)
     dip = Dipole(fs1, voxel_size, b0_dir, padding=1.0, device=dev)

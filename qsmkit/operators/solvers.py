@@ -224,7 +224,7 @@ def minres(A, b, *, M=None, tol: float = 1e-6, max_iter: int = 100):
     """
     ops = _CGScalars(b, 0)
     x = _zeros_like(b)
-    r1, r2 = _copy(b), _copy(b)
+    r1 = r2 = b               # the Lanczos vectors are only read: no copies
     y = r2 if M is None else _apply(M, r2)
     yr = _vdot(r1, y)
     info = CGInfo(residuals=[1.0 if yr > 0 else 0.0])
