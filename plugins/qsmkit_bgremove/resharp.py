@@ -10,12 +10,26 @@ valid, and the Tikhonov term picks the smallest such field (it replaces the TSVD
 equations ``(C M C + lam I) x = C M C f`` (``C = delta - S``, self-adjoint) are solved with the
 core conjugate gradients; the result is kept on the eroded mask.
 
-Defaults: ``lam = 1e-3`` (the example value of Sun's reference ``resharp.m``) and CG ``tol = 1e-3``.
-On the simulator's default phantom (true total field) they give a local-field NRMSE of 39.8 % on
-the eroded mask (56.6 % over the whole mask) in 41 CG iterations, against 51.5 % (63.8 %) in 34
-iterations with the former ``lam = 1e-2, tol = 1e-4``; the harmonic limit of that eroded mask is
-42.3 % (``benchmarks/bench_background.py``). Smaller ``lam`` (1e-4) gains 3-4 points more for
-three times the iterations.
+Defaults: ``lam = 1e-4`` and CG ``tol = 1e-4`` (Sun's reference ``resharp.m`` gives 1e-3 or 5e-4
+as example weights and runs CGS to 1e-6). The low frequencies of the local field are where the
+high-pass ``C`` is weak (``C(k) ~ (k r)^2 / 10``), so a larger ``lam``, or CG stopped at 1e-3,
+removes them with the background. Measured from the true total field (``bench_background.py
+--methods resharp``; the harmonic limit of the eroded mask in brackets):
+
+=====================  =========================  ============================  =================
+head                   local field, eroded/whole  chi after MEDI, whole/eroded  seconds (2 cores)
+=====================  =========================  ============================  =================
+1 mm, lam/tol 1e-3     44.5 / 59.9 % (41.0)       57.3 / 38.3 %                 4.9 (36 CG it.)
+1 mm, defaults         36.1 / 55.2 %              57.0 / 37.4 %                 11.8 (108 it.)
+1.5 mm, lam/tol 1e-3   39.8 / 56.6 % (42.3)       58.4 / 38.3 %                 1.5 (41 it.)
+1.5 mm, defaults       35.7 / 54.3 %              59.0 / 39.0 %                 2.8-3.7 (118 it.)
+=====================  =========================  ============================  =================
+
+(``lam`` 1e-4 with ``tol`` 1e-5 or 1e-6 gains 0.3-0.4 point more at 2-3 times the iterations;
+a Fourier preconditioner ``1 / (fill C^2 + lam)`` converges in a few iterations on an ellipsoid
+but not on the head's mask, so CG runs unpreconditioned.) On a brain-sized ellipsoid the
+default keeps a 6 mm sphere's field to 8.3 %, against 20 % with ``lam`` and ``tol`` 1e-3
+(``tests/plugins/test_bgremove.py``).
 
 Known limit (not a solver defect): with Tikhonov's minimum-norm choice, RESHARP removes the
 least-squares projection of the local field onto the fields that are harmonic in the eroded mask,
@@ -38,7 +52,7 @@ from ._grid import empty_result, prepare
 
 
 def resharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], *, radius_mm: float = 4.0,
-            lam: float = 1e-3, tol: float = 1e-3, max_iter: int = 200, return_info: bool = False):
+            lam: float = 1e-4, tol: float = 1e-4, max_iter: int = 200, return_info: bool = False):
     """Local field by RESHARP (Tikhonov-regularised SHARP, CG on the normal equations).
 
     Parameters
@@ -52,8 +66,8 @@ def resharp(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], *,
     radius_mm : float
         Radius of the SMV ball in mm (default 4 mm).
     lam : float
-        Tikhonov weight on ``||x||^2`` relative to the high-pass residual (1e-3, the value of Sun's
-        reference code; see the module notes).
+        Tikhonov weight on ``||x||^2`` relative to the high-pass residual (1e-4; Sun's reference
+        code's examples are 1e-3 and 5e-4; see the module notes).
     tol : float
         CG stopping tolerance ``||r|| / ||b||``.
     max_iter : int
