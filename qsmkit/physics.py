@@ -52,6 +52,43 @@ def ppm_to_hz(field_ppm, b0: float):
     return np.asarray(field_ppm) * (GAMMA_BAR * b0 * 1e-6)
 
 
+
+#: field strength (T) and echo spacing (s) that :func:`phase_scale` assumes when none is given
+REFERENCE_FIELD_T = 3.0
+REFERENCE_DELTA_TE_S = 5e-3
+
+
+def phase_scale(field_strength: float | None = None, echo_times: Sequence[float] | None = None) -> tuple[float, str]:
+    """Radians of phase per ppm of field accrued over the echo spacing, and where it came from.
+
+    ``s_p = 2 pi * GAMMA_BAR * B0 * 1e-6 * dTE`` with ``dTE`` the median echo spacing (multi-echo;
+    the MEDI toolbox's ``delta_TE``) or the echo time (single echo): the scale of the complex
+    (nonlinear) data terms of MEDI and TFI. Missing values fall back to :data:`REFERENCE_FIELD_T`
+    and :data:`REFERENCE_DELTA_TE_S` (the note says so).
+
+    Returns
+    -------
+    scale : float
+        rad/ppm.
+    note : str
+        e.g. ``"3.21 rad/ppm (3 T, echo spacing 4 ms)"``, for the stage log.
+    """
+    te = None if echo_times is None else np.sort(np.asarray(echo_times, dtype=np.float64).ravel())
+    if te is not None and te.size >= 2:
+        dte, src = float(np.median(np.diff(te))), "echo spacing"
+    elif te is not None and te.size == 1:
+        dte, src = float(te[0]), "echo time"
+    else:
+        dte, src = REFERENCE_DELTA_TE_S, "reference dTE"
+    if not dte > 0:
+        raise InputDataError(f"echo times {te.tolist()} give a non-positive echo spacing; give increasing "
+                             f"echo_times in s")
+    b0 = float(field_strength) if field_strength is not None and float(field_strength) > 0 else None
+    if b0 is None:
+        b0, src = REFERENCE_FIELD_T, src + ", reference 3 T"
+    s = 2.0 * np.pi * GAMMA_BAR * b0 * 1e-6 * dte
+    return s, f"{s:.3g} rad/ppm ({b0:g} T, {src} {dte * 1e3:.3g} ms)"
+
 # --------------------------------------------------------------------------- geometry
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Voxel edge lengths in mm: the column norms of ``affine[:3, :3]``."""

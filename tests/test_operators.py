@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from qsmkit import operators as ops
-from qsmkit.errors import InputDataError
+from qsmkit.errors import GeometryError, InputDataError
 from qsmkit.physics import dipole_convolve, dipole_kernel
 
 # ---------------------------------------------------------------- discovery of the operators
@@ -371,3 +371,36 @@ def test_block_mean_per_axis_factors_drop_partial_blocks():
     c = block_mean(np.ones((4, 4, 4), bool), 2)
     assert c.shape == (2, 2, 2) and np.all(c == 1.0)
     assert block_mean(np.ones((2, 2, 2), np.complex128), 2).dtype == np.complex64
+
+
+def test_gradient_mask_toolbox_convention():
+    """MEDI's and TFI's edge mask: the Cornell toolbox's ``gradient_mask`` convention."""
+    rng = np.random.default_rng(1)
+    n = 24
+    mask = np.zeros((n, n, n), bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    mag = (1.0 + 0.05 * rng.normal(size=mask.shape)).astype(np.float32)
+    mag[n // 2:] += 2.0                                  # a strong edge across x
+    for pct in (0.3, 0.9, 1.5):
+        mg = ops.gradient_mask(mag, mask, (1.0, 1.0, 1.0), pct)
+        assert mg.shape == (3, n, n, n) and mg.dtype == bool
+        n_edges = int((~mg).sum())
+        assert abs(n_edges - round(pct * mask.sum())) <= 1   # edges = pct x number of mask voxels
+        # every edge component has a larger magnitude gradient than every regularised one
+        g = np.abs(ops.Gradient(mask.shape, (1, 1, 1)).apply(np.where(mask, mag, np.float32(0)).astype(np.float32)))
+        assert g[~mg].min() >= g[mg].max()
+    # the strong step is an edge; without edges (0) everything is regularised
+    assert not ops.gradient_mask(mag, mask, (1, 1, 1), 0.9)[0, n // 2 - 1, n // 2, n // 2]
+    assert ops.gradient_mask(mag, mask, (1, 1, 1), 0.0).all()
+    # 4D magnitude is combined by root sum of squares
+    mg4 = ops.gradient_mask(np.stack([mag, mag], -1), mask, (1, 1, 1), 0.9)
+    np.testing.assert_array_equal(mg4, ops.gradient_mask(mag * np.sqrt(2), mask, (1, 1, 1), 0.9))
+    # a binary support (TFI without magnitude): only its boundary is an edge
+    box = np.zeros((n, n, n), bool)
+    box[4:-4, 4:-4, 4:-4] = True
+    mb = ops.gradient_mask(box.astype(np.float32), box, (1, 1, 1), 0.9)
+    inner = np.zeros_like(box)
+    inner[6:-6, 6:-6, 6:-6] = True
+    assert mb[:, inner].all() and not mb.all()
+    with pytest.raises(GeometryError, match="differs from mask grid"):
+        ops.gradient_mask(mag[:-1], mask, (1, 1, 1), 0.9)

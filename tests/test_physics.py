@@ -3,6 +3,7 @@ import pytest
 
 from qsmkit import physics
 from qsmkit import fft as qfft
+from qsmkit.errors import InputDataError
 from helpers import oblique_affine
 
 
@@ -80,3 +81,14 @@ def test_full_and_half_spectrum_kernels_agree_for_oblique_b0(shape):
     assert np.abs(via_full.imag).max() < 1e-5  # real-preserving (Hermitian) kernel
     via_half = qfft.irfftn(half * qfft.rfftn(x), shape)
     assert np.allclose(via_full.real, via_half, atol=1e-5)
+
+
+def test_phase_scale_units():
+    """rad/ppm over the echo spacing (MEDI, TFI), with the reference fallbacks."""
+    s, note = physics.phase_scale(3.0, [0.004, 0.008, 0.012])
+    assert s == pytest.approx(2 * np.pi * physics.GAMMA_BAR * 3.0 * 1e-6 * 0.004, rel=1e-9)   # 3.21 rad/ppm
+    assert physics.phase_scale(7.0, [0.01])[0] == pytest.approx(2 * np.pi * physics.GAMMA_BAR * 7.0 * 1e-6 * 0.01)
+    s_ref, note = physics.phase_scale(None, None)
+    assert s_ref == pytest.approx(2 * np.pi * physics.GAMMA_BAR * 3.0 * 1e-6 * 0.005) and "reference" in note
+    with pytest.raises(InputDataError, match="non-positive echo spacing"):
+        physics.phase_scale(3.0, [0.01, 0.01])

@@ -2,8 +2,9 @@
 
 Morphology enabled dipole inversion with the nonlinear data term (Liu et al. 2012/2013), options
 for SMV preprocessing, MERIT and MEDI+0 (CSF regularisation); torch on CPU or CUDA. The algorithm,
-its scaling and conventions are documented in :mod:`qsmkit_medi.medi`; masks in
-:mod:`qsmkit_medi.masks`.
+its scaling and conventions are documented in :mod:`qsmkit_medi.medi`; the CSF mask in
+:mod:`qsmkit_medi.masks`; the edge mask and phase scale, shared with TFI, are the core's
+:func:`qsmkit.operators.gradient_mask` and :func:`qsmkit.physics.phase_scale`.
 
 Inputs: ``local_field`` (ppm) and ``mask`` (required); ``magnitude`` (edge mask; required unless
 ``edge_percentage: 0``), ``noise_weight`` (data weights; without it the weights are uniform and a
@@ -20,9 +21,11 @@ from qsmkit import Param, Stage, hookimpl
 from qsmkit.device import DEVICE_PARAM, resolve_device
 from qsmkit.params import lam, max_iter, tol
 from qsmkit.errors import GeometryError, MissingArtifactError, StageError
+from qsmkit.operators import gradient_mask
+from qsmkit.physics import phase_scale
 
-from .masks import csf_mask_from_r2star, gradient_mask, r2star_map
-from .medi import MediResult, medi, phase_scale
+from .masks import csf_mask_from_r2star, r2star_map
+from .medi import MediResult, medi
 
 __all__ = ["MEDI", "medi", "MediResult", "gradient_mask", "csf_mask_from_r2star", "r2star_map", "phase_scale"]
 

@@ -1,7 +1,8 @@
-"""Masks that MEDI derives from the data: the magnitude edge mask ``M_G`` and the CSF mask (MEDI+0).
+"""The CSF mask that MEDI derives from the data (MEDI+0), from an R2* map.
 
-Both follow the Cornell MEDI toolbox (``gradient_mask.m``, ``extract_CSF.m``) in intent; the code
-here is written from the published method, with numpy/scipy only.
+It follows the Cornell MEDI toolbox (``extract_CSF.m``) in intent; the code here is written from
+the published method, with numpy/scipy only. The magnitude edge mask ``M_G`` (``gradient_mask.m``)
+is shared with TFI and lives in the core: :func:`qsmkit.operators.gradient_mask`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from qsmkit.errors import GeometryError, InputDataError
+from qsmkit.errors import InputDataError
 
 #: R2* (1/s) under which a voxel counts as CSF at 3 T; scaled linearly with field strength
 CSF_R2STAR_3T = 5.0
@@ -21,78 +22,6 @@ CSF_ERODE_MM = 10.0
 CSF_MAX_REGIONS = 3
 #: smallest CSF region kept, mm^3
 CSF_MIN_REGION_MM3 = 20.0
-
-
-def forward_gradient(x: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
-    """Forward differences ``(x[i+1] - x[i]) / h`` per axis, 0 in the last slice; shape ``(3, *x.shape)``."""
-    x = np.asarray(x, dtype=np.float32)
-    g = np.zeros((3,) + x.shape, dtype=np.float32)
-    g[0, :-1] = (x[1:] - x[:-1]) / np.float32(voxel_size[0])
-    g[1, :, :-1] = (x[:, 1:] - x[:, :-1]) / np.float32(voxel_size[1])
-    g[2, :, :, :-1] = (x[:, :, 1:] - x[:, :, :-1]) / np.float32(voxel_size[2])
-    return g
-
-
-def combine_magnitude(magnitude: np.ndarray) -> np.ndarray:
-    """One magnitude image: the root sum of squares over echoes for 4D input (x, y, z, echo)."""
-    mag = np.asarray(magnitude, dtype=np.float32)
-    if mag.ndim == 4:
-        mag = np.sqrt(np.sum(mag * mag, axis=3, dtype=np.float32))
-    if mag.ndim != 3:
-        raise InputDataError(f"magnitude must be 3D or 4D, got shape {mag.shape}")
-    return mag
-
-
-def gradient_mask(magnitude: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float],
-                  edge_percentage: float = 0.9) -> np.ndarray:
-    """Binary edge weight ``M_G`` of MEDI: 1 where the gradient is regularised, 0 on magnitude edges.
-
-    Convention (the Cornell toolbox's ``gradient_mask`` with its ``percentage`` argument): the
-    gradient of ``magnitude * mask`` is taken per axis (forward differences, mm units); the
-    ``edge_percentage * n_mask`` largest gradient *components* over the grid (``n_mask`` = number of
-    mask voxels) are edges. With the default 0.9 and three components per voxel, about 30 % of the
-    gradient components of mask voxels are edges and about 70 % are regularised. Outside the mask
-    the gradient is zero, so ``M_G = 1`` there (apart from the mask boundary, which is an edge).
-    ``edge_percentage = 0`` gives ``M_G = 1`` everywhere (plain total variation).
-
-    Parameters
-    ----------
-    magnitude : ndarray, (x, y, z) or (x, y, z, echo)
-        Magnitude (a.u.); echoes are combined by root sum of squares.
-    mask : ndarray, (x, y, z)
-        Brain mask.
-    voxel_size : 3 floats
-        Voxel size in mm.
-    edge_percentage : float
-        Number of edge components as a fraction of the number of mask voxels (0 ... 3).
-
-    Returns
-    -------
-    ndarray, bool, (3, x, y, z)
-        ``True`` where the gradient component is regularised.
-    """
-    m = np.asarray(mask) > 0
-    if edge_percentage <= 0:
-        return np.ones((3,) + m.shape, dtype=bool)
-    mag = np.nan_to_num(combine_magnitude(magnitude), nan=0.0, posinf=0.0, neginf=0.0)
-    if mag.shape != m.shape:
-        raise GeometryError(f"magnitude grid {mag.shape} differs from mask grid {m.shape}; give both on one voxel grid")
-    g = np.abs(forward_gradient(np.where(m, mag, np.float32(0)), voxel_size))
-    n_edges = int(round(float(edge_percentage) * int(m.sum())))
-    n_edges = min(max(n_edges, 0), g.size)
-    if n_edges == 0:
-        return np.ones(g.shape, dtype=bool)
-    flat = g.ravel()
-    # threshold = the n_edges-th largest component; components strictly above it are edges
-    thr = np.partition(flat, flat.size - n_edges)[flat.size - n_edges]
-    edges = g > thr
-    # ties at the threshold: count them as edges only if that keeps the count closest to n_edges
-    n_above = int(edges.sum())
-    if n_above < n_edges:
-        ties = g == thr
-        if thr > 0 and abs(n_above + int(ties.sum()) - n_edges) < abs(n_above - n_edges):
-            edges |= ties
-    return ~edges
 
 
 def r2star_map(magnitude: np.ndarray, echo_times: Sequence[float], mask: np.ndarray) -> np.ndarray:

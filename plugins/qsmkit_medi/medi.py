@@ -66,42 +66,16 @@ import numpy as np
 from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, StageError
 from qsmkit.operators import bounding_box
-from qsmkit.physics import GAMMA_BAR
+from qsmkit.physics import phase_scale
 from qsmkit.threads import limited
 
 from .solver import (MERIT_FACTOR, MERIT_POWER, MediSystem, _edge_mask, _gauss_newton, _MediModel,  # noqa: F401
                      _Ops, _WorkGrid, _work_problem)
 
-#: field strength (T) and echo spacing (s) assumed when the data do not say
-REFERENCE_FIELD_T = 3.0
-REFERENCE_DELTA_TE_S = 5e-3
 #: largest starting residual phase (rad) in the exponent (99.9th percentile of |f| maps to this)
 MAX_START_PHASE = math.pi / 2
 #: grids (voxels) under this size run with one torch CPU thread
 SINGLE_THREAD_VOXELS = 1 << 20
-
-
-def phase_scale(field_strength: float | None = None, echo_times: Sequence[float] | None = None) -> tuple[float, str]:
-    """Radians of phase per ppm of field accrued over the echo spacing, and where it came from.
-
-    ``s_p = 2 pi * GAMMA_BAR * B0 * 1e-6 * dTE`` with ``dTE`` the echo spacing (multi-echo; the
-    toolbox's ``delta_TE``) or the echo time (single echo). Missing values fall back to 3 T and 5 ms.
-    """
-    b0 = float(field_strength) if field_strength is not None else None
-    te = None if echo_times is None else np.asarray(echo_times, dtype=np.float64).ravel()
-    if te is not None and te.size >= 2:
-        dte, src = float(np.median(np.diff(np.sort(te)))), "echo spacing"
-    elif te is not None and te.size == 1:
-        dte, src = float(te[0]), "echo time"
-    else:
-        dte, src = REFERENCE_DELTA_TE_S, "reference dTE"
-    if not (dte > 0):
-        raise InputDataError(f"echo times {te.tolist()} give a non-positive echo spacing; "
-                             f"give echo_times in s, increasing")
-    if b0 is None or not (b0 > 0):
-        b0, src = REFERENCE_FIELD_T, src + ", reference 3 T"
-    s = 2.0 * math.pi * GAMMA_BAR * b0 * 1e-6 * dte
-    return s, f"{s:.3g} rad/ppm ({b0:g} T, {src} {dte * 1e3:.3g} ms)"
 
 
 @dataclass
@@ -157,7 +131,7 @@ def medi(field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], b0_di
     lam : float
         Data weight ``lambda`` (dimensionless, the toolbox's; see the module notes for scaling).
     edge_percentage : float
-        Edge mask size, toolbox convention (see :func:`~qsmkit_medi.masks.gradient_mask`).
+        Edge mask size, toolbox convention (see :func:`qsmkit.operators.gradient_mask`).
     edge_mask : ndarray, bool, (3, x, y, z), optional
         ``M_G`` given directly (1 = regularised); overrides ``magnitude``/``edge_percentage``.
     smv_radius_mm : float

@@ -20,9 +20,8 @@ from qsmkit import fft as qfft
 from qsmkit.errors import InputDataError, StageError
 from qsmkit.progress import progress
 from qsmkit.operators import (SMV, Diagonal, Dipole, FourierMultiplier, Gradient, Linop, backtrack, bounding_box,
-                              cg, line_warm_start)
+                              cg, gradient_mask, line_warm_start)
 
-from .masks import gradient_mask
 
 #: MERIT: residuals beyond this many standard deviations are down-weighted, with this power
 MERIT_FACTOR = 6.0

@@ -37,9 +37,9 @@ from qsmkit.errors import GeometryError, MissingArtifactError, ParameterError, S
 from qsmkit.params import lam, max_iter, tol
 
 from .admm import BACKGROUND_TV, COARSE_MM, tfi_admm
-from .tfi import CHI_AIR, PAPER_P_BACKGROUND, TfiResult, TfiSystem, auto_preconditioner, edge_mask, head_mask, tfi
+from .tfi import CHI_AIR, PAPER_P_BACKGROUND, TfiResult, TfiSystem, auto_preconditioner, head_mask, tfi
 
-__all__ = ["TFI", "tfi", "tfi_admm", "TfiResult", "TfiSystem", "head_mask", "edge_mask", "auto_preconditioner"]
+__all__ = ["TFI", "tfi", "tfi_admm", "TfiResult", "TfiSystem", "head_mask", "auto_preconditioner"]
 
 
 class TFI(Stage):

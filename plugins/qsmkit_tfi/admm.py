@@ -11,7 +11,7 @@ preconditioned Gauss-Newton / CG, whose result depends on where it stops. Proble
     min_chi  1/2 || w (D chi + f_air + c - f) ||^2  +  (1 / Lam) sum_k || k_b G_k d_k chi ||_1
 
 with ``Lam = 2 lambda s_p`` as in the Gauss-Newton solver (the same ``lambda`` means the same
-weight), ``G_k`` the binary edge mask of the magnitude (:func:`~qsmkit_tfi.tfi.edge_mask`),
+weight), ``G_k`` the binary edge mask of the magnitude (:func:`qsmkit.operators.gradient_mask`),
 ``d_k`` forward differences in 1/mm and ``k_b`` = 1 in the brain mask and ``background_tv``
 elsewhere (default 0.05: the background must stay free, see :data:`BACKGROUND_TV`).
 The data term is the quadratic one (the exponent form of the Gauss-Newton solver guards against
@@ -69,9 +69,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmkit.errors import InputDataError
-from qsmkit.operators import Dipole, Gradient, PaddedBox, block_mean, laplacian_kernel, padded_box
+from qsmkit.operators import Dipole, Gradient, PaddedBox, block_mean, gradient_mask, laplacian_kernel, padded_box
+from qsmkit.physics import phase_scale
 
-from .tfi import AIR_PADDING, CHI_AIR, TfiResult, _checked_inputs, edge_mask, phase_scale
+from .tfi import AIR_PADDING, CHI_AIR, TfiResult, _checked_inputs
 
 #: ADMM penalty of the data split (dimensionless; data weights have mean 1 in the brain).
 #: 0.3 (TV-ADMM's) converges 3-10x slower here: the background has to build up 9 ppm sources
@@ -108,7 +109,7 @@ def tfi_admm(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[flo
     lam : float
         Data weight ``lambda`` (MEDI toolbox scale, as the Gauss-Newton solver).
     edge_percentage : float
-        Edge mask size (:func:`~qsmkit_tfi.tfi.edge_mask`); 0 = plain TV.
+        Edge mask size (:func:`qsmkit.operators.gradient_mask`); 0 = plain TV.
     background_tv : float
         TV weight outside the brain mask relative to inside it.
     offset : float, "fit" or "search"
@@ -232,7 +233,7 @@ class _Level:
             f_air = Dipole(pb.shape, vs, b0_dir, padding=AIR_PADDING).apply(sup_w.astype(np.float32))
             ft -= np.where(data_w, np.float32(-chi_air) * f_air, np.float32(0))
             del f_air
-        gm = edge_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs,
+        gm = gradient_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs,
                        edge_percentage if mag is not None else 0.0).astype(np.float32)
         gm *= np.where(brain_w, np.float32(1.0), np.float32(background_tv))[None]
         gm *= np.float32(thr_scale)

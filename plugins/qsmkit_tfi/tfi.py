@@ -30,8 +30,8 @@ physical pieces:
 
 ``w`` is the data weight (the noise weight, normalised to mean 1 in the brain; zero where the
 total field has no data: outside the support and where the noise weight is 0), ``G_k`` the binary
-edge mask of the magnitude inside the support (:func:`edge_mask`, the MEDI toolbox's
-``gradient_mask`` convention), ``d_k`` forward differences in mm.
+edge mask of the magnitude inside the support (:func:`qsmkit.operators.gradient_mask`, the
+MEDI toolbox's convention), ``d_k`` forward differences in mm.
 
 Preconditioner (the paper's point): ``P = 1`` in the brain mask and ``P = P_b`` (the paper's
 fixed 30) everywhere else. ``chi = P y`` makes the large background susceptibilities (air +9.4
@@ -101,13 +101,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmkit.errors import GeometryError, InputDataError, StageError
-from qsmkit.operators import Dipole, Gradient, Linop, backtrack, cg, line_warm_start, padded_box
-from qsmkit.physics import GAMMA_BAR
+from qsmkit.operators import (Dipole, Gradient, Linop, backtrack, cg, combine_magnitude, gradient_mask,
+                              line_warm_start, padded_box)
+from qsmkit.physics import phase_scale
 from qsmkit.threads import limited
 
-#: field strength (T) and echo spacing (s) assumed when the data do not say (as MEDI)
-REFERENCE_FIELD_T = 3.0
-REFERENCE_DELTA_TE_S = 5e-3
 #: largest starting residual phase (rad) in the exponent (the 99.9th percentile of |f| maps to this)
 MAX_START_PHASE = math.pi / 2
 #: susceptibility of air relative to tissue (water), ppm SI: the head is an object in air
@@ -148,16 +146,6 @@ class TfiResult:
 
 
 # --------------------------------------------------------------------------- masks and weights
-def combine_magnitude(magnitude: np.ndarray) -> np.ndarray:
-    """One magnitude image (a.u.): the root sum of squares over echoes of a 4D (x, y, z, echo) input."""
-    mag = np.asarray(magnitude, dtype=np.float32)
-    if mag.ndim == 4:
-        mag = np.sqrt(np.einsum("xyze,xyze->xyz", mag, mag, dtype=np.float32))
-    if mag.ndim != 3:
-        raise InputDataError(f"magnitude must be 3D or 4D, got shape {mag.shape}")
-    return np.nan_to_num(mag, nan=0.0, posinf=0.0, neginf=0.0)
-
-
 def head_mask(magnitude: np.ndarray, brain: np.ndarray, voxel_size: Sequence[float],
               threshold: float = 0.1, close_mm: float = 3.0) -> np.ndarray:
     """Support (head) mask from the magnitude: threshold, join, fill; always contains the brain.
@@ -207,32 +195,6 @@ def head_mask(magnitude: np.ndarray, brain: np.ndarray, voxel_size: Sequence[flo
     return m | b
 
 
-def edge_mask(magnitude: np.ndarray, support: np.ndarray, voxel_size: Sequence[float],
-              edge_percentage: float = 0.9) -> np.ndarray:
-    """Binary gradient weight ``M_G`` (True = regularised) from the magnitude inside the support.
-
-    The MEDI toolbox's ``gradient_mask`` convention: the ``edge_percentage * n_support`` largest
-    components of ``|grad (magnitude * support)|`` (forward differences, 1/mm) are edges. The
-    support boundary is therefore an edge (the head/air jump of about 9.4 ppm), and so are the
-    brain/skull and brain/sinus boundaries. 0 gives plain TV.
-
-    Returns
-    -------
-    ndarray of bool, (3, x, y, z)
-    """
-    s = np.asarray(support) > 0
-    if edge_percentage <= 0:
-        return np.ones((3,) + s.shape, bool)
-    g = Gradient(s.shape, voxel_size).apply(np.where(s, combine_magnitude(magnitude), np.float32(0)))
-    np.abs(g, out=g)
-    n_edges = min(int(round(float(edge_percentage) * int(s.sum()))), g.size - 1)
-    if n_edges <= 0:
-        return np.ones(g.shape, bool)
-    flat = g.reshape(-1)
-    thr = np.partition(flat, flat.size - n_edges)[flat.size - n_edges]
-    return ~(g > thr) if thr > 0 else ~(g > 0)
-
-
 def auto_preconditioner(total_field: np.ndarray, brain: np.ndarray, data: np.ndarray) -> float:
     """``P_b`` from the data: the field's robust amplitude outside the brain over that inside it, scaled.
 
@@ -255,25 +217,6 @@ def auto_preconditioner(total_field: np.ndarray, brain: np.ndarray, data: np.nda
     if not a_in > 0:
         return AUTO_P_RANGE[1]
     return float(np.clip(AUTO_P_SCALE * a_out / a_in, *AUTO_P_RANGE))
-
-
-def phase_scale(field_strength: float | None, echo_times: Sequence[float] | None) -> tuple[float, str]:
-    """Radians of phase per ppm accrued over the echo spacing (single echo: the echo time), and its source."""
-    te = None if echo_times is None else np.sort(np.asarray(echo_times, np.float64).ravel())
-    if te is not None and te.size >= 2:
-        dte, src = float(np.median(np.diff(te))), "echo spacing"
-    elif te is not None and te.size == 1:
-        dte, src = float(te[0]), "echo time"
-    else:
-        dte, src = REFERENCE_DELTA_TE_S, "reference dTE"
-    if not dte > 0:
-        raise InputDataError(f"echo times {te.tolist()} give a non-positive echo spacing; give increasing "
-                             f"echo_times in s")
-    b0 = float(field_strength) if field_strength is not None and float(field_strength) > 0 else None
-    if b0 is None:
-        b0, src = REFERENCE_FIELD_T, src + ", reference 3 T"
-    s = 2.0 * math.pi * GAMMA_BAR * b0 * 1e-6 * dte
-    return s, f"{s:.3g} rad/ppm ({b0:g} T, {src} {dte * 1e3:.3g} ms)"
 
 
 # --------------------------------------------------------------------------- the model
@@ -427,7 +370,7 @@ def tfi(total_field: np.ndarray, mask: np.ndarray, voxel_size: Sequence[float], 
     lam : float
         Data weight ``lambda`` (MEDI toolbox scale, dimensionless).
     edge_percentage : float
-        Edge mask size (toolbox convention; see :func:`edge_mask`); 0 = plain TV.
+        Edge mask size (toolbox convention; see :func:`qsmkit.operators.gradient_mask`); 0 = plain TV.
     p_background : float
         Preconditioner value outside the brain (the paper's 30); 0 = automatic
         (:func:`auto_preconditioner`).
@@ -543,7 +486,7 @@ def _tfi(total_field, mask, voxel_size, b0_dir, support, magnitude, noise_weight
     w_w = pb.embed(w)
     brain_w = pb.embed(brain, bool)
     sup_w = pb.embed(sup, bool)
-    gm = edge_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs, edge_percentage
+    gm = gradient_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs, edge_percentage
                    if mag is not None else 0.0).astype(np.float32)
     gm[0, -1] = 0.0
     gm[1, :, -1] = 0.0

@@ -18,7 +18,8 @@ Operators defined here:
 * :class:`SMV`: the spherical mean value filter (``K`` = :func:`qsmkit.physics.smv_kernel`);
 * :class:`Gradient`: forward or backward finite differences (1/mm, or unscaled); its adjoint is
   minus the divergence; :func:`laplacian_kernel` is the spectrum of ``G^H G`` on a periodic grid
-  (the k-space divisions of TV-ADMM, RTS and TFI's ADMM solver);
+  (the k-space divisions of TV-ADMM, RTS and TFI's ADMM solver); :func:`gradient_mask` is the
+  binary magnitude edge weight of MEDI and TFI (from :func:`combine_magnitude`, echoes combined);
 * :class:`Diagonal`: pointwise weights and masks;
 * :class:`Identity`, and the algebra (:class:`Compose`, :class:`Sum`, :class:`Scaled`,
   :class:`Adjoint`, :class:`Normal`).
@@ -42,12 +43,13 @@ subclass defined by the core and the built-in plugins, found through :func:`all_
 from .base import (Adjoint, Compose, Diagonal, Identity, Linop, Normal, Scaled, Sum, all_operator_classes,
                    is_torch)
 from .fourier import SMV, Dipole, FourierMultiplier
-from .gradient import Gradient, laplacian_kernel
+from .gradient import Gradient, combine_magnitude, gradient_mask, laplacian_kernel
 from .grid import PaddedBox, block_mean, bounding_box, dilate_mm, erode_mm, padded_box
 from .solvers import (CGInfo, ProxInfo, backtrack, cg, condat_vu, line_warm_start, minres, power_iteration,
                       proximal_gradient)
 
 __all__ = ["Linop", "Identity", "Diagonal", "Compose", "Sum", "Scaled", "Adjoint", "Normal",
-           "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "cg", "CGInfo", "minres",
-           "power_iteration", "line_warm_start", "backtrack", "proximal_gradient", "condat_vu", "ProxInfo",
-           "bounding_box", "block_mean", "erode_mm", "dilate_mm", "padded_box", "PaddedBox", "all_operator_classes", "is_torch"]
+           "FourierMultiplier", "Dipole", "SMV", "Gradient", "laplacian_kernel", "gradient_mask", "combine_magnitude",
+           "cg", "CGInfo", "minres", "power_iteration", "line_warm_start", "backtrack", "proximal_gradient",
+           "condat_vu", "ProxInfo", "bounding_box", "block_mean", "erode_mm", "dilate_mm", "padded_box", "PaddedBox",
+           "all_operator_classes", "is_torch"]
