@@ -19,6 +19,7 @@ Settings:
 * ``2-spin``: 2 threads, OpenMP's default wait policy (idle workers spin before they sleep): qsmkit
   before issue 20;
 * ``2-passive``: 2 threads, ``OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=0``;
+* ``2-spin30k``: 2 threads with the default's wait policy (30 000 spin rounds), loaded or not;
 * ``1``: ``OMP_NUM_THREADS=1``;
 * ``1-late``: ``QSMKIT_THREADS=1``: one thread set by the engine at the stage (torch started with all).
 
@@ -50,6 +51,7 @@ SETTINGS = {
     "default": {},
     "2-spin": {"QSMKIT_THREADS": "2"},
     "2-passive": {"QSMKIT_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"},
+    "2-spin30k": {"QSMKIT_THREADS": "2", "GOMP_SPINCOUNT": "30000"},
     "1": {"OMP_NUM_THREADS": "1"},
     "1-late": {"QSMKIT_THREADS": "1"},
     # the engine's thread decision with other wait policies than the default's 30 000 spin rounds
