@@ -234,7 +234,7 @@ class _Level:
             ft -= np.where(data_w, np.float32(-chi_air) * f_air, np.float32(0))
             del f_air
         gm = gradient_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs,
-                       edge_percentage if mag is not None else 0.0).astype(np.float32)
+                           edge_percentage if mag is not None else 0.0).astype(np.float32)
         gm *= np.where(brain_w, np.float32(1.0), np.float32(background_tv))[None]
         gm *= np.float32(thr_scale)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev)  # noqa: E731

@@ -487,7 +487,7 @@ def _tfi(total_field, mask, voxel_size, b0_dir, support, magnitude, noise_weight
     brain_w = pb.embed(brain, bool)
     sup_w = pb.embed(sup, bool)
     gm = gradient_mask(pb.embed(mag) if mag is not None else sup_w, sup_w, vs, edge_percentage
-                   if mag is not None else 0.0).astype(np.float32)
+                       if mag is not None else 0.0).astype(np.float32)
     gm[0, -1] = 0.0
     gm[1, :, -1] = 0.0
     gm[2, :, :, -1] = 0.0
