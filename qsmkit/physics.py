@@ -52,7 +52,6 @@ def ppm_to_hz(field_ppm, b0: float):
     return np.asarray(field_ppm) * (GAMMA_BAR * b0 * 1e-6)
 
 
-
 #: field strength (T) and echo spacing (s) that :func:`phase_scale` assumes when none is given
 REFERENCE_FIELD_T = 3.0
 REFERENCE_DELTA_TE_S = 5e-3
@@ -86,7 +85,7 @@ def phase_scale(field_strength: float | None = None, echo_times: Sequence[float]
     b0 = float(field_strength) if field_strength is not None and float(field_strength) > 0 else None
     if b0 is None:
         b0, src = REFERENCE_FIELD_T, src + ", reference 3 T"
-    s = 2.0 * np.pi * GAMMA_BAR * b0 * 1e-6 * dte
+    s = float(ppm_to_phase(1.0, dte, b0))
     return s, f"{s:.3g} rad/ppm ({b0:g} T, {src} {dte * 1e3:.3g} ms)"
 
 # --------------------------------------------------------------------------- geometry

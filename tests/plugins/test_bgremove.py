@@ -46,17 +46,24 @@ METHODS = {"sharp": sharp, "resharp": resharp, "ismv": ismv}
 STAGES = {"sharp": Sharp, "resharp": Resharp, "ismv": Ismv}
 
 
+def _ellipsoid(shape=SHAPE, vs=VS, axes=(24.0, 26.0, 22.0)):
+    """Ellipsoid mask with semi-axes ``axes`` (mm) at the grid centre."""
+    g = np.meshgrid(*[(np.arange(n) - n // 2) * v for n, v in zip(shape, vs)], indexing="ij")
+    return sum((gi / a) ** 2 for gi, a in zip(g, axes)) < 1
+
+
 def _mask():
-    g = np.meshgrid(*[np.arange(n) - n // 2 for n in SHAPE], indexing="ij")
-    return (g[0] / 24) ** 2 + (g[1] / 26) ** 2 + (g[2] / 22) ** 2 < 1
+    return _ellipsoid()
 
 
-def _outside_sphere_field(dz=35):
-    """Field of a sphere (8 mm, 9.4 ppm: an air-like source) centred dz mm above the grid centre,
-    13 mm beyond the mask's top; the helper's sphere is centred, so it is cut from a taller grid."""
-    big, _ = sphere_field((SHAPE[0], SHAPE[1], 3 * SHAPE[2]), VS, 8.0, 9.4, (0, 0, 1))
-    c = 3 * SHAPE[2] // 2
-    return np.ascontiguousarray(big[:, :, c - dz - SHAPE[2] // 2: c - dz + SHAPE[2] // 2])
+def _outside_sphere_field(dz_mm=35.0, shape=SHAPE, vs=VS):
+    """Field of a sphere (8 mm, 9.4 ppm: an air-like source) centred ``dz_mm`` above the grid centre
+    (35 mm: 13 mm beyond the small mask's top); the helper's sphere is centred, so it is cut from a
+    taller grid."""
+    tall = tuple(shape[:2]) + (3 * shape[2],)
+    big, _ = sphere_field(tall, vs, 8.0, 9.4, (0, 0, 1))
+    dz, c, h = int(round(dz_mm / vs[2])), tall[2] // 2, shape[2] // 2
+    return np.ascontiguousarray(big[:, :, c - dz - h: c - dz - h + shape[2]])
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -399,13 +406,9 @@ LIFE = {"sharp": sharp, "resharp": resharp, "ismv": ismv, "lbv": lbv, "pdf": pdf
 
 @pytest.fixture(scope="module")
 def life_size():
-    g = np.meshgrid(*[(np.arange(n) - n // 2) * v for n, v in zip(LIFE_SHAPE, LIFE_VS)], indexing="ij")
-    mask = sum((gi / a) ** 2 for gi, a in zip(g, LIFE_AXES)) < 1
+    mask = _ellipsoid(LIFE_SHAPE, LIFE_VS, LIFE_AXES)
     inside, _ = sphere_field(LIFE_SHAPE, LIFE_VS, 6.0, 1.0, (0, 0, 1))
-    tall = LIFE_SHAPE[:2] + (3 * LIFE_SHAPE[2],)
-    big, _ = sphere_field(tall, LIFE_VS, 8.0, 9.4, (0, 0, 1))
-    dz, c, h = int(round((LIFE_AXES[2] + 13 + 8) / LIFE_VS[2])), tall[2] // 2, LIFE_SHAPE[2] // 2
-    outside = np.ascontiguousarray(big[:, :, c - dz - h: c - dz - h + LIFE_SHAPE[2]])
+    outside = _outside_sphere_field(LIFE_AXES[2] + 13 + 8, LIFE_SHAPE, LIFE_VS)
     return mask, inside, outside
 
 
